@@ -1,0 +1,1 @@
+"""One module per ``ctlab`` subcommand; each defines ``register(subparsers)``."""

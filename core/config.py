@@ -1,0 +1,351 @@
+"""Run configuration: one dataclass tree, loaded from YAML, strictly validated.
+
+``load_config(path, overrides)`` is the only way a run gets its settings:
+YAML (``yaml.safe_load``) → dotted CLI overrides (``model.attention=sdpa``) →
+type checks and choice checks → a frozen-in-shape ``Config``. Unknown keys
+and bad values raise ``ConfigError`` naming the key and the closest valid
+one. ``save_config`` writes the resolved YAML that every run logs.
+
+Axis order convention: shapes and spacings are (D, H, W) — slices, rows,
+columns — the order of the model input (C, D, H, W).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from core.registry import ATTENTION, ENCODERS, LOSSES, MLP, NORM, ConfigError, Registry, closest
+
+# Fields whose value must be a name in a registry (None = "the encoder's default").
+_REGISTRY_FIELDS: dict[str, Registry] = {
+    "model.encoder": ENCODERS,
+    "model.attention": ATTENTION,
+    "model.norm": NORM,
+    "model.mlp": MLP,
+    "model.loss": LOSSES,
+}
+
+
+@dataclass
+class ModelConfig:
+    """The CLIP model: image encoder, text encoder, projections and the contrastive loss."""
+
+    encoder: str = "ctvit"
+    preset: str | None = None  # encoder preset; None = the encoder's default preset
+    encoder_args: dict[str, Any] = field(default_factory=dict)  # overrides of preset fields
+    attention: str | None = None  # None = the encoder's default (for encoders with that axis)
+    norm: str | None = None
+    mlp: str | None = None
+    loss: str = "clip"
+    logit_scale_init: float | None = None  # log-space; None = loss default (clip log(1/0.07), siglip log 10)
+    logit_bias_init: float | None = None  # siglip only; None = -10
+    latent_dim: int = 512
+    text_encoder: str = "minilm"  # "minilm" (shipped), "tiny-random", a hub id or a local path
+    text_pool: Literal["cls", "mean"] = "cls"
+    text_max_length: int = 128
+    adaptation: Literal["full", "frozen_text", "lora"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_image_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
+    lora_text_targets: list[str] = field(default_factory=lambda: ["query", "key", "value"])
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where the CT-RATE data lives and how volumes are preprocessed and cached."""
+
+    root: str = "data/synthetic"
+    cache_dir: str = "data/cache"
+    reports_csv: dict[str, str] = field(
+        default_factory=lambda: {
+            "train": "radiology_text_reports/train_reports.csv",
+            "valid": "radiology_text_reports/validation_reports.csv",
+        }
+    )
+    labels_csv: dict[str, str] = field(
+        default_factory=lambda: {
+            "train": "multi_abnormality_labels/train_predicted_labels.csv",
+            "valid": "multi_abnormality_labels/valid_predicted_labels.csv",
+        }
+    )
+    metadata_csv: dict[str, str] = field(
+        default_factory=lambda: {
+            "train": "metadata/train_metadata.csv",
+            "valid": "metadata/validation_metadata.csv",
+        }
+    )
+    text_fields: list[str] = field(default_factory=lambda: ["Findings_EN", "Impressions_EN"])
+    target_spacing: list[float] = field(default_factory=lambda: [1.5, 0.75, 0.75])  # mm, (D, H, W)
+    target_shape: list[int] = field(default_factory=lambda: [240, 480, 480])  # voxels, (D, H, W)
+    hu_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
+    cache_dtype: Literal["float16", "int16"] = "float16"
+    subset_fraction: float = 1.0
+    subset_seed: int = 0
+    num_workers: int = 0
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision and checkpointing of one run."""
+
+    task: Literal["clip", "probe", "finetune"] = "clip"
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (None = all epochs)
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1.25e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 300
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False
+    compile_mode: str = "default"
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    output_dir: str = "runs"
+    log_every: int = 1
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot evaluation, retrieval and confidence intervals."""
+
+    split: str = "valid"
+    protocols: list[Literal["ctclip", "fixed0.5", "youden"]] = field(
+        default_factory=lambda: ["ctclip", "fixed0.5"]
+    )
+    every_epoch: bool = True
+    batch_size: int = 8
+    bootstrap: int = 1000
+    ci: float = 0.95
+    retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are logged (MLflow) and under which experiment."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "ctlab"
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    """One resolved run configuration."""
+
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_value(value: Any, hint: Any, key: str) -> Any:
+    """Coerce ``value`` to the type ``hint`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(map(str, args))
+            raise ConfigError(f"{key}: '{value}' is not a valid value{closest(value, args)} (choices: {choices})")
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _check_value(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)  # YAML 1.1 reads "1e-6" as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``data``, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{full}'{closest(key, names)} (valid keys: {', '.join(names)})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, f"{full}.")
+        else:
+            kwargs[key] = _check_value(value, hint, full)
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that depend on other values or on registries; returns ``cfg``."""
+    for key, registry in _REGISTRY_FIELDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value not in registry:
+            names = registry.names()
+            raise ConfigError(
+                f"{key}: unknown {registry.kind} '{value}'{closest(value, names)} (choices: {', '.join(names)})"
+            )
+    checks = [
+        (len(cfg.data.target_shape) == 3, "data.target_shape: needs 3 values (D, H, W)"),
+        (len(cfg.data.target_spacing) == 3, "data.target_spacing: needs 3 values in mm (D, H, W)"),
+        (all(s > 0 for s in cfg.data.target_spacing), "data.target_spacing: values must be > 0"),
+        (len(cfg.data.hu_window) == 2 and cfg.data.hu_window[0] < cfg.data.hu_window[1],
+         "data.hu_window: needs [low, high] with low < high"),
+        (0.0 < cfg.data.subset_fraction <= 1.0, "data.subset_fraction: must be in (0, 1]"),
+        (cfg.train.batch_size >= 1, "train.batch_size: must be >= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum: must be >= 1"),
+        (cfg.train.lr > 0, "train.lr: must be > 0"),
+        (cfg.train.epochs >= 1, "train.epochs: must be >= 1"),
+        (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps: must be >= 1 or null"),
+        (0.0 < cfg.eval.ci < 1.0, "eval.ci: must be in (0, 1), e.g. 0.95"),
+        (len(cfg.eval.protocols) >= 1, "eval.protocols: name at least one protocol, e.g. [ctclip]"),
+        (cfg.model.latent_dim >= 1, "model.latent_dim: must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a plain (YAML-shaped) mapping."""
+    return validate(_build(Config, copy.deepcopy(data or {}), ""))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``"model.attention=sdpa"`` into its dotted key and YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. model.attention=sdpa")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``key = "a.b.c"``, creating sections as needed.
+
+    Keys under a free-form mapping field (``model.encoder_args.dim``) go one level deeper.
+    """
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{part}' is a value, not a section")
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted overrides (``["k=v", ...]`` or ``{k: v}``) applied."""
+    out = copy.deepcopy(data or {})
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    for key, value in items:
+        set_dotted(out, key, value)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data = load_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as a plain mapping (what YAML and MLflow params see)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML that ``load_config`` reads back to an equal Config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"attention": "sdpa"}}`` → ``{"model.attention": "sdpa"}`` (lists kept as values)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

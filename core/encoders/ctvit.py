@@ -1,0 +1,111 @@
+"""CT-ViT, CT-CLIP's image encoder: 3D patches → spatial transformer per slab → temporal transformer.
+
+A volume (B, 1, D, H, W) is cut into patches of ``temporal_patch`` slices ×
+``patch`` × ``patch`` pixels, giving a (t, h, w) grid of tokens (24 × 24 × 24
+at CT-CLIP's 240 × 480 × 480). The spatial transformer attends within each
+slab (h·w tokens), the temporal transformer along each token column (t
+tokens). ``pool: ctclip`` reproduces CT-CLIP's embedding — mean over slabs,
+then the h·w·dim spatial tokens flattened (294,912 values at the CT-CLIP
+preset) for the bias-free latent projection; ``pool: mean`` averages all tokens.
+
+Positions are learned embeddings, one table for the h·w spatial grid and one
+for the t slabs (CT-CLIP uses a conv position generator and a continuous
+position bias; learned tables keep every attention kernel exchangeable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from core.config import ModelConfig
+from core.encoders.base import register_encoder, resolve_axes, resolve_preset
+from core.layers.block import Transformer
+from core.layers.norm import create_norm
+from core.registry import ConfigError
+
+
+@dataclass
+class CTViTArgs:
+    """CT-ViT hyper-parameters (one preset = one of these)."""
+
+    dim: int = 512
+    spatial_depth: int = 4
+    temporal_depth: int = 4
+    heads: int = 8
+    dim_head: int = 32
+    patch: int = 20
+    temporal_patch: int = 10
+    pool: Literal["ctclip", "mean"] = "ctclip"
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+PRESETS = {
+    "ctclip": CTViTArgs(),
+    "tiny": CTViTArgs(dim=64, spatial_depth=2, temporal_depth=2, heads=4, dim_head=16, patch=8, temporal_patch=4),
+}
+
+
+class CTViT(nn.Module):
+    """CT-ViT over a fixed input shape (D, H, W); see the module docstring."""
+
+    def __init__(self, args: CTViTArgs, input_shape: tuple[int, int, int], attention: str, norm: str, mlp: str) -> None:
+        super().__init__()
+        depth, height, width = input_shape
+        if depth % args.temporal_patch or height % args.patch or width % args.patch:
+            raise ConfigError(
+                f"data.target_shape {list(input_shape)} must be divisible by the CT-ViT patch "
+                f"({args.temporal_patch}, {args.patch}, {args.patch}); change data.target_shape or model.encoder_args"
+            )
+        self.args = args
+        self.grid = (depth // args.temporal_patch, height // args.patch, width // args.patch)
+        patch_dim = args.temporal_patch * args.patch * args.patch
+        self.patch_norm_in = create_norm(norm, patch_dim)
+        self.patch_proj = nn.Linear(patch_dim, args.dim)
+        self.patch_norm_out = create_norm(norm, args.dim)
+        t, h, w = self.grid
+        self.spatial_pos = nn.Parameter(torch.randn(h * w, args.dim) * 0.02)
+        self.temporal_pos = nn.Parameter(torch.randn(t, args.dim) * 0.02)
+        layer = dict(heads=args.heads, dim_head=args.dim_head, attention=attention, norm=norm, mlp=mlp,
+                     mlp_ratio=args.mlp_ratio, dropout=args.dropout)
+        self.spatial = Transformer(args.dim, args.spatial_depth, **layer)
+        self.temporal = Transformer(args.dim, args.temporal_depth, **layer)
+        self.out_dim = h * w * args.dim if args.pool == "ctclip" else args.dim
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in backward instead of storing them."""
+        self.spatial.grad_checkpointing = self.temporal.grad_checkpointing = enable
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) → (B, t, h, w, pt·p·p) patch vectors."""
+        b = x.shape[0]
+        (t, h, w), pt, p = self.grid, self.args.temporal_patch, self.args.patch
+        x = x.reshape(b, t, pt, h, p, w, p).permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(b, t, h, w, pt * p * p)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) → encoded tokens (B, t, h, w, dim)."""
+        b, dim = x.shape[0], self.args.dim
+        t, h, w = self.grid
+        tokens = self.patch_norm_out(self.patch_proj(self.patch_norm_in(self.patchify(x))))
+        tokens = tokens.reshape(b * t, h * w, dim) + self.spatial_pos
+        tokens = self.spatial(tokens)
+        tokens = tokens.reshape(b, t, h * w, dim).transpose(1, 2).reshape(b * h * w, t, dim) + self.temporal_pos
+        tokens = self.temporal(tokens)
+        return tokens.reshape(b, h, w, t, dim).permute(0, 3, 1, 2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.forward_tokens(x)
+        if self.args.pool == "ctclip":
+            return tokens.mean(dim=1).flatten(1)
+        return tokens.mean(dim=(1, 2, 3))
+
+
+@register_encoder("ctvit", axes={"attention": "sdpa", "norm": "layernorm", "mlp": "gelu"})
+def ctvit(cfg: ModelConfig, input_shape: tuple[int, int, int]) -> CTViT:
+    """CT-CLIP's CT-ViT; presets ``ctclip`` (the paper's, default) and ``tiny`` (CPU-sized)."""
+    return CTViT(resolve_preset(cfg, PRESETS, "ctclip"), input_shape, **resolve_axes(cfg))

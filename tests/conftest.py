@@ -1,0 +1,31 @@
+"""Shared test setup: offline Hugging Face, deterministic torch, small thread pools."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_OVERRIDES = [
+    "model.preset=tiny",
+    "data.target_shape=[16, 32, 32]",
+    "model.encoder_args={patch: 8, temporal_patch: 4}",
+    "model.text_encoder=tiny-random",
+    "model.latent_dim=32",
+]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    """Overrides that make a CPU-sized CT-ViT + tiny BERT model (16 × 32 × 32 volumes)."""
+    return list(TINY_OVERRIDES)

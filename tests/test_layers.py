@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from core.layers import TransformerBlock, create_attention, create_mlp, create_norm
+from core.layers.attention import flash_unavailable_reason
+from core.registry import ConfigError
+
+
+def test_sdpa_equals_standard_attention():
+    torch.manual_seed(1)
+    standard = create_attention("standard", dim=48, heads=3, dim_head=16)
+    sdpa = create_attention("sdpa", dim=48, heads=3, dim_head=16)
+    sdpa.load_state_dict(standard.state_dict())
+    x = torch.randn(4, 37, 48)
+    torch.testing.assert_close(sdpa(x), standard(x), atol=1e-5, rtol=1e-5)
+
+
+def test_standard_attention_is_softmax_qk_v():
+    attn = create_attention("standard", dim=8, heads=1, dim_head=8)
+    x = torch.randn(2, 5, 8)
+    q, k, v = attn.qkv(x).chunk(3, dim=-1)
+    expected = attn.proj(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(8), dim=-1) @ v)
+    torch.testing.assert_close(attn(x), expected)
+
+
+@pytest.mark.skipif(flash_unavailable_reason() is None, reason="flash-attn and CUDA are present")
+def test_flash_without_cuda_names_sdpa():
+    with pytest.raises(ConfigError, match="sdpa") as err:
+        create_attention("flash", dim=32, heads=2, dim_head=16)
+    assert "flash" in str(err.value)
+
+
+def test_unknown_attention_suggests_closest():
+    with pytest.raises(ConfigError, match="did you mean 'sdpa'"):
+        create_attention("sdp", dim=8, heads=1, dim_head=8)
+
+
+def test_rmsnorm_matches_formula():
+    norm = create_norm("rmsnorm", 16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 16))
+    x = torch.randn(3, 7, 16)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_layernorm_matches_formula():
+    norm = create_norm("layernorm", 16)
+    x = torch.randn(3, 16)
+    expected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "act"), [("swiglu", F.silu), ("geglu", F.gelu)])
+def test_gated_mlp_matches_formula(name, act):
+    mlp = create_mlp(name, 24)
+    x = torch.randn(5, 24)
+    hidden = act(x @ mlp.fc_gate.weight.T + mlp.fc_gate.bias) * (x @ mlp.fc_value.weight.T + mlp.fc_value.bias)
+    torch.testing.assert_close(mlp(x), hidden @ mlp.fc2.weight.T + mlp.fc2.bias)
+
+
+def test_gelu_mlp_matches_formula():
+    mlp = create_mlp("gelu", 24)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x))))
+
+
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+def test_gated_mlp_keeps_gelu_parameter_count(name):
+    dim = 512
+    gelu = sum(p.numel() for p in create_mlp("gelu", dim).parameters())
+    gated = sum(p.numel() for p in create_mlp(name, dim).parameters())
+    assert abs(gated - gelu) / gelu < 0.02
+
+
+@pytest.mark.parametrize("attention", ["standard", "sdpa"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu", "geglu"])
+def test_block_is_pre_norm_residual(attention, norm, mlp):
+    block = TransformerBlock(32, heads=2, dim_head=16, attention=attention, norm=norm, mlp=mlp)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    h = x + block.attn(block.norm1(x))
+    torch.testing.assert_close(block(x), h + block.mlp(block.norm2(h)))
+    block(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
