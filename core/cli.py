@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in sorted(pkgutil.iter_modules(core.commands.__path__), key=lambda m: m.name):
+        if module.name.startswith("_"):  # shared helpers, not subcommands
+            continue
         importlib.import_module(f"core.commands.{module.name}").register(subparsers)
     return parser
 

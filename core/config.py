@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from core.registry import ATTENTION, ENCODERS, LOSSES, MLP, NORM, ConfigError, Registry, closest
+from core.registry import ATTENTION, ENCODERS, LOSSES, MLP, NORM, PROTOCOLS, ConfigError, Registry, closest
 
 # Fields whose value must be a name in a registry (None = "the encoder's default").
 _REGISTRY_FIELDS: dict[str, Registry] = {
@@ -131,9 +131,7 @@ class EvalConfig:
     """Zero-shot evaluation, retrieval and confidence intervals."""
 
     split: str = "valid"
-    protocols: list[Literal["ctclip", "fixed0.5", "youden"]] = field(
-        default_factory=lambda: ["ctclip", "fixed0.5"]
-    )
+    protocols: list[str] = field(default_factory=lambda: ["ctclip", "fixed0.5"])  # core.metrics THRESHOLDS
     every_epoch: bool = True
     batch_size: int = 8
     bootstrap: int = 1000
@@ -248,6 +246,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(
                 f"{key}: unknown {registry.kind} '{value}'{closest(value, names)} (choices: {', '.join(names)})"
             )
+    for protocol in cfg.eval.protocols:
+        if protocol not in PROTOCOLS:
+            names = PROTOCOLS.names()
+            raise ConfigError(f"eval.protocols: unknown protocol '{protocol}'{closest(protocol, names)} "
+                              f"(choices: {', '.join(names)})")
     checks = [
         (len(cfg.data.target_shape) == 3, "data.target_shape: needs 3 values (D, H, W)"),
         (len(cfg.data.target_spacing) == 3, "data.target_spacing: needs 3 values in mm (D, H, W)"),

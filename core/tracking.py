@@ -59,8 +59,9 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         return experiment.experiment_id
     root = artifact_root(client.tracking_uri)
     location = f"{root}/{name}" if root else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
+    try:  # the UI opens a "model training" experiment on its runs table
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except mlflow.exceptions.MlflowException:  # created by a concurrent worker
         return client.get_experiment_by_name(name).experiment_id
 

@@ -303,10 +303,11 @@ def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
 
 def log_final_artifacts(tracker: Tracker, result: Any, ckpt_path: Path) -> None:
     """Per-label metrics, predictions, the ROC figure and the final checkpoint."""
+    from core.data import PATHOLOGIES
     from core.evaluate import plot_roc
 
     tracker.log_dataframe(result.per_label, "zeroshot_per_label.csv")
     tracker.log_dataframe(result.predictions, "zeroshot_predictions.csv")
     with tempfile.TemporaryDirectory() as tmp:
-        tracker.log_artifact(plot_roc(result.predictions, Path(tmp) / "roc.png"))
+        tracker.log_artifact(plot_roc(result.labels, result.scores, PATHOLOGIES, Path(tmp) / "roc.png"))
     tracker.log_artifact(ckpt_path, "checkpoints")

@@ -29,3 +29,24 @@ def _seed() -> None:
 def tiny_overrides() -> list[str]:
     """Overrides that make a CPU-sized CT-ViT + tiny BERT model (16 × 32 × 32 volumes)."""
     return list(TINY_OVERRIDES)
+
+
+@pytest.fixture
+def postgres_uri():
+    """A fresh PostgreSQL database on the server .ci/run starts (CTLAB_TEST_POSTGRES_URI); skipped without one."""
+    import uuid
+
+    import psycopg
+
+    server = os.environ.get("CTLAB_TEST_POSTGRES_URI")
+    if not server:
+        if os.environ.get("CTLAB_REQUIRE_SERVICES"):
+            pytest.fail("CTLAB_REQUIRE_SERVICES is set but CTLAB_TEST_POSTGRES_URI is not: the server did not start")
+        pytest.skip("CTLAB_TEST_POSTGRES_URI is not set (bash .ci/postgres.sh starts a server and prints it)")
+    name = f"ctlab_test_{uuid.uuid4().hex[:10]}"
+    admin = server.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"{server}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -1,1 +1,1 @@
-"""One module per ``ctlab`` subcommand; each defines ``register(subparsers)``."""
+"""One module per ``ctlab`` subcommand; each defines ``register(subparsers)``. ``_*.py`` are shared helpers."""

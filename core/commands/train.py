@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from core.commands.common import add_config_arguments, config_from_args
+from core.commands._common import add_config_arguments, config_from_args
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,25 +6,49 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from core.tracking import artifact_root, resolve_uri
+from core.registry import ConfigError
+from core.tracking import artifact_root, get_client, resolve_uri
 
 
-def ui_command(uri: str, host: str, port: int) -> list[str]:
+def ui_command(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
     """The ``mlflow ui`` command line for a tracking store (artifacts served from beside a local store)."""
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+               "--workers", str(workers)]
     if root := artifact_root(uri):
         command += ["--default-artifact-root", root]
     return command
 
 
-def run(args: argparse.Namespace) -> int:
-    """Start the UI in the foreground and print its URL."""
-    uri = resolve_uri(args.tracking_uri)
-    print(f"MLflow UI for {uri}: http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+def screenshot(uri: str, experiment: str, path: Path, port: int) -> str:
+    """Start the UI, render the experiment's runs table headlessly to ``path``, stop the UI; returns the page text."""
+    from analysis.ui_snapshot import render_runs_page, wait_for_http
+
+    found = get_client(uri).get_experiment_by_name(experiment)
+    if found is None:
+        raise ConfigError(f"no experiment '{experiment}' in {uri}; run a matrix or name another with --experiment")
+    server = subprocess.Popen(ui_command(uri, "127.0.0.1", port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     try:
-        return subprocess.call(ui_command(uri, args.host, args.port), env=env)
+        wait_for_http(f"http://127.0.0.1:{port}/health")
+        return render_runs_page(f"http://127.0.0.1:{port}", found.experiment_id, path)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve the UI in the foreground and print its URL, or save a screenshot of one experiment and exit."""
+    uri = resolve_uri(args.tracking_uri)
+    if args.screenshot:
+        screenshot(uri, args.experiment, Path(args.screenshot), args.port)
+        print(f"runs table of experiment '{args.experiment}' saved to {args.screenshot}")
+        return 0
+    print(f"MLflow UI for {uri}: http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+    try:
+        return subprocess.call(ui_command(uri, args.host, args.port, args.workers),
+                               env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     except KeyboardInterrupt:
         return 0
 
@@ -33,7 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``ui`` subcommand."""
     parser = subparsers.add_parser("ui", help="browse every run in the MLflow UI",
                                    description="Start `mlflow ui` on the tracking store the runs used.")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--tracking-uri",
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    parser.add_argument("--screenshot", metavar="PNG",
+                        help="instead of serving: render the runs table of --experiment with headless Chromium")
+    parser.add_argument("--experiment", default="smoke", help="experiment to render with --screenshot")
     parser.set_defaults(func=run)

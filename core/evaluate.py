@@ -1,0 +1,372 @@
+"""Zero-shot classification (CT-CLIP protocol), retrieval, the linear probe and the ROC figure.
+
+Zero-shot follows CT-CLIP's ``scripts/zero_shot.py``: for each pathology the
+two prompts "{pathology} is present." / "{pathology} is not present." are
+embedded, CT-CLIP's model returns temperature.exp() · ⟨text, image⟩ for both,
+and the score is the softmax over that pair at the "present" prompt. Here the
+temperature is the loss's own scale (``model.loss.scale()``); a SigLIP bias
+would cancel in the pair's softmax. The prompts are embedded once, not per
+volume. Metrics, bootstrap CIs and paired significance tests live in ``core.metrics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import auc, roc_curve
+from torch import nn
+from tqdm.auto import tqdm
+
+from core.config import EvalConfig
+from core.data import PATHOLOGIES
+from core.metrics import (
+    METRICS,
+    RANKING_METRICS,
+    THRESHOLD_METRICS,
+    bootstrap_ci,
+    bootstrap_indices,
+    classification_metrics,
+    delong_test,
+    paired_bootstrap,
+    percentile_intervals,
+    resample_counts,
+    resampled_metrics,
+    retrieval_recall,
+)
+
+PROMPTS = ("{} is present.", "{} is not present.")
+
+__all__ = [
+    "PROMPTS",
+    "EvalResult",
+    "ProbeHead",
+    "ProbeResult",
+    "bootstrap_ci",
+    "classification_metrics",
+    "delong_test",
+    "embed_dataset",
+    "evaluate_zero_shot",
+    "metric_table",
+    "paired_bootstrap",
+    "plot_roc",
+    "predictions_frame",
+    "prompt_embeddings",
+    "retrieval_recall",
+    "train_probe",
+    "zero_shot_scores",
+]
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for a block and restore its previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------- zero-shot
+
+
+@torch.no_grad()
+def prompt_embeddings(
+    model: nn.Module, pathologies: Sequence[str] = PATHOLOGIES, prompts: Sequence[str] = PROMPTS
+) -> torch.Tensor:
+    """Unit text embeddings of each pathology's prompt pair, (K, 2, latent), "present" first."""
+    texts = [template.format(name) for name in pathologies for template in prompts]
+    device = _device_of(model)
+    with _eval_mode(model):
+        tokens = {k: v.to(device) for k, v in model.tokenize(texts).items()}
+        emb = model.encode_text(**tokens)
+    return emb.float().reshape(len(pathologies), len(prompts), -1)
+
+
+def zero_shot_scores(image_emb: torch.Tensor, prompt_emb: torch.Tensor, scale: float | torch.Tensor) -> np.ndarray:
+    """P(present) per volume and pathology, (N, K): softmax over scale · ⟨image, prompt⟩ of each prompt pair."""
+    image_emb = torch.as_tensor(image_emb, dtype=torch.float32)
+    prompt_emb = torch.as_tensor(prompt_emb, dtype=torch.float32, device=image_emb.device)
+    if image_emb.ndim != 2 or prompt_emb.ndim != 3 or image_emb.shape[1] != prompt_emb.shape[2]:
+        raise ValueError(f"image_emb {tuple(image_emb.shape)} must be (N, latent) and prompt_emb "
+                         f"{tuple(prompt_emb.shape)} (K, 2, latent) with the same latent size")
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=image_emb.device).detach()
+    logits = scale * torch.einsum("nd,kpd->nkp", image_emb, prompt_emb)
+    return logits.softmax(dim=-1)[..., 0].cpu().double().numpy()
+
+
+@torch.no_grad()
+def embed_dataset(
+    model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device | str, progress: bool = False
+) -> dict[str, Any]:
+    """Image and report embeddings of every batch of ``loader`` (docs/contracts.md batches), in loader order.
+
+    Returns ``image_emb`` and ``text_emb`` (N, latent) float32 CPU tensors,
+    ``labels`` (N, K) numpy array and ``names`` (VolumeName list). Reports are
+    tokenised with ``model.tokenize`` unless the batch already has ``input_ids``.
+    """
+    image, text, labels, names = [], [], [], []
+    with _eval_mode(model):
+        for batch in tqdm(loader, desc="embed", disable=not progress, leave=False):
+            if "input_ids" in batch:
+                tokens = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            else:
+                tokens = model.tokenize(list(batch["text"]))
+            tokens = {k: v.to(device, non_blocking=True) for k, v in tokens.items()}
+            image.append(model.encode_image(batch["volume"].to(device, non_blocking=True)).float().cpu())
+            text.append(model.encode_text(**tokens).float().cpu())
+            labels.append(torch.as_tensor(batch["labels"]).cpu().numpy())
+            names.extend(batch["name"])
+    if not image:
+        raise ValueError("the evaluation loader yielded no batches; check eval.split and the prepared cache")
+    return {"image_emb": torch.cat(image), "text_emb": torch.cat(text), "labels": np.concatenate(labels),
+            "names": names}
+
+
+# --------------------------------------------------------------------------- metric tables
+
+
+def _metric_key(prefix: str, metric: str, protocol: str, first: bool) -> str:
+    """``zeroshot_f1`` for the first protocol, ``zeroshot_f1_fixed0.5`` for the others (see contracts)."""
+    return f"{prefix}_{metric}" if first or metric in RANKING_METRICS else f"{prefix}_{metric}_{protocol}"
+
+
+def metric_table(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    protocols: Sequence[str],
+    names: Sequence[str],
+    prefix: str,
+    bootstrap: int = 0,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """Macro metrics named as MLflow logs them (``<prefix>_auroc``, ``<prefix>_f1_fixed0.5``, CIs) and
+    the per-label rows of every protocol stacked.
+
+    AUROC / AUPRC do not depend on the threshold protocol and are reported
+    once; the threshold metrics of protocols after the first carry the
+    protocol's name as suffix. With ``bootstrap`` > 0 every protocol is
+    bootstrapped on the same resamples, giving ``<key>_ci_low`` / ``<key>_ci_high``.
+    """
+    if not protocols:
+        raise ValueError("name at least one threshold protocol, e.g. ['ctclip']")
+    metrics: dict[str, float] = {}
+    tables = []
+    weights = resample_counts(bootstrap_indices(len(labels), bootstrap, seed), len(labels)) if bootstrap else None
+    for i, protocol in enumerate(protocols):
+        per_label, macro = classification_metrics(labels, scores, protocol, names)
+        tables.append(per_label)
+        wanted = METRICS if i == 0 else THRESHOLD_METRICS
+        for metric in wanted:
+            metrics[_metric_key(prefix, metric, protocol, i == 0)] = macro[metric]
+        if weights is not None:
+            samples = resampled_metrics(np.asarray(labels, float), np.asarray(scores, float), protocol, weights,
+                                        wanted)
+            for metric, (low, high) in percentile_intervals(samples, ci).items():
+                key = _metric_key(prefix, metric, protocol, i == 0)
+                metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = low, high
+    return metrics, pd.concat(tables, ignore_index=True)
+
+
+@dataclass
+class EvalResult:
+    """One zero-shot evaluation: logged metrics, per-label table, per-volume predictions and raw arrays."""
+
+    metrics: dict[str, float]
+    per_label: pd.DataFrame
+    predictions: pd.DataFrame
+    scores: np.ndarray = field(repr=False)
+    labels: np.ndarray = field(repr=False)
+    names: list[str] = field(repr=False)
+    pathologies: list[str] = field(default_factory=lambda: list(PATHOLOGIES), repr=False)
+
+    def write_artifacts(self, folder: str | Path) -> list[Path]:
+        """Write ``zeroshot_per_label.csv``, ``zeroshot_predictions.csv`` and ``roc.png`` into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        per_label, predictions = folder / "zeroshot_per_label.csv", folder / "zeroshot_predictions.csv"
+        self.per_label.to_csv(per_label, index=False)
+        self.predictions.to_csv(predictions, index=False)
+        return [per_label, predictions, plot_roc(self.labels, self.scores, self.pathologies, folder / "roc.png")]
+
+
+def predictions_frame(names: Sequence[str], pathologies: Sequence[str], scores: np.ndarray,
+                      labels: np.ndarray) -> pd.DataFrame:
+    """Long table of every (volume, pathology): VolumeName, pathology, score, label."""
+    n, k = scores.shape
+    return pd.DataFrame({
+        "VolumeName": np.repeat(np.asarray(names, dtype=object), k),
+        "pathology": np.tile(np.asarray(pathologies, dtype=object), n),
+        "score": scores.ravel(),
+        "label": labels.ravel().astype(int),
+    })
+
+
+def evaluate_zero_shot(
+    model: nn.Module, loader: Iterable[dict[str, Any]], cfg: EvalConfig, device: torch.device | str,
+    seed: int = 0, progress: bool = False,
+) -> EvalResult:
+    """Zero-shot classification of the 18 pathologies plus retrieval on ``loader``'s volumes.
+
+    Metric names follow docs/contracts.md: ``zeroshot_auroc`` ... for the first
+    of ``cfg.protocols``, ``zeroshot_f1_<protocol>`` for the others, CIs from
+    ``cfg.bootstrap`` real resamples when > 0, and ``retrieval_v2t_r<k>`` /
+    ``retrieval_t2v_r<k>`` for ``cfg.retrieval_ks``.
+    """
+    emb = embed_dataset(model, loader, device, progress)
+    prompts = prompt_embeddings(model, PATHOLOGIES)
+    scores = zero_shot_scores(emb["image_emb"], prompts.cpu(), float(model.loss.scale().detach()))
+    labels = np.asarray(emb["labels"], dtype=np.float64)
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels {labels.shape} do not match the {len(PATHOLOGIES)} pathologies; "
+                         "batches must carry labels in core.data.PATHOLOGIES order")
+    metrics, per_label = metric_table(labels, scores, cfg.protocols, PATHOLOGIES, "zeroshot", cfg.bootstrap,
+                                      cfg.ci, seed)
+    metrics.update(retrieval_recall(emb["image_emb"], emb["text_emb"], cfg.retrieval_ks))
+    return EvalResult(metrics, per_label, predictions_frame(emb["names"], PATHOLOGIES, scores, labels),
+                      scores, labels, list(emb["names"]))
+
+
+# --------------------------------------------------------------------------- linear probe
+
+
+class ProbeHead(nn.Module):
+    """Multi-label linear head on image features, with a fixed feature standardisation in front.
+
+    ``mean`` / ``std`` are buffers (identity until ``fit_normalization``), so
+    the head is batch-size independent and also serves as a fine-tuning head.
+    """
+
+    def __init__(self, in_dim: int, n_labels: int = len(PATHOLOGIES)) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        self.linear = nn.Linear(in_dim, n_labels)
+
+    @torch.no_grad()
+    def fit_normalization(self, features: torch.Tensor) -> None:
+        """Standardise inputs with the per-feature mean and std of ``features`` (N, in_dim)."""
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0).clamp(min=1e-6))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim) features → (B, n_labels) logits."""
+        return self.linear((features - self.mean) / self.std)
+
+
+@dataclass
+class ProbeResult:
+    """A trained probe, its validation P(present) (N, K), ``probe_*`` metrics and per-label rows."""
+
+    head: ProbeHead
+    scores: np.ndarray
+    metrics: dict[str, float]
+    per_label: pd.DataFrame
+
+
+def train_probe(
+    features_train: Any,
+    labels_train: Any,
+    features_valid: Any,
+    labels_valid: Any,
+    *,
+    epochs: int = 100,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 256,
+    protocols: Sequence[str] = ("ctclip",),
+    names: Sequence[str] = PATHOLOGIES,
+    bootstrap: int = 0,
+    ci: float = 0.95,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> ProbeResult:
+    """Train a ``ProbeHead`` with BCEWithLogits on frozen features and score the validation set.
+
+    The weights start at zero and the bias at the training log-odds of each
+    label (the problem is convex, so the start only speeds it up); batches are
+    shuffled by a seeded generator, so a seed gives the same probe. Metrics
+    are named ``probe_auroc``, ``probe_f1``, ``probe_f1_<protocol>``, ...
+    """
+    x_train = torch.as_tensor(features_train, dtype=torch.float32, device=device)
+    y_train = torch.as_tensor(labels_train, dtype=torch.float32, device=device)
+    x_valid = torch.as_tensor(features_valid, dtype=torch.float32, device=device)
+    y_valid = np.asarray(labels_valid, dtype=np.float64)
+    if x_train.ndim != 2 or y_train.shape != (x_train.shape[0], len(names)) or x_valid.shape[1] != x_train.shape[1]:
+        raise ValueError(f"probe inputs: features_train {tuple(x_train.shape)}, labels_train {tuple(y_train.shape)} "
+                         f"and features_valid {tuple(x_valid.shape)} must be (N, D), (N, {len(names)}), (M, D)")
+    head = ProbeHead(x_train.shape[1], y_train.shape[1]).to(device)
+    head.fit_normalization(x_train)
+    with torch.no_grad():
+        nn.init.zeros_(head.linear.weight)
+        prior = y_train.mean(0).clamp(1e-4, 1 - 1e-4)
+        head.linear.bias.copy_(torch.log(prior / (1 - prior)))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss()
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x_train), generator=generator).split(batch_size):
+            batch = batch.to(device)
+            loss = loss_fn(head(x_train[batch]), y_train[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    head.eval()
+    with torch.no_grad():
+        scores = torch.sigmoid(head(x_valid)).cpu().double().numpy()
+    metrics, per_label = metric_table(y_valid, scores, protocols, names, "probe", bootstrap, ci, seed)
+    return ProbeResult(head, scores, metrics, per_label)
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def plot_roc(
+    labels: Any, scores: Any, names: Sequence[str], path: str | Path, title: str = "Zero-shot ROC per pathology"
+) -> Path:
+    """Write a PNG of every pathology's ROC curve (AUROC in the legend) with the macro AUROC in the title.
+
+    Labels with a single class have no ROC curve and are listed as n/a.
+    """
+    import seaborn as sns
+
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    fig = Figure(figsize=(10, 6.5), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = sns.color_palette("husl", len(names))
+    aurocs = []
+    for k, name in enumerate(names):
+        y, style = labels[:, k], ("-", "--", ":")[k % 3]  # neighbouring hues differ in dash as well
+        if y.min() == y.max():
+            ax.plot([], [], color=colours[k], linestyle=style, label=f"{name} (n/a: one class)")
+            continue
+        fpr, tpr, _ = roc_curve(y, scores[:, k])
+        area = float(auc(fpr, tpr))
+        aurocs.append(area)
+        ax.plot(fpr, tpr, color=colours[k], linestyle=style, linewidth=1.4, label=f"{name} ({area:.3f})")
+    ax.plot([0, 1], [0, 1], linestyle="-.", color="grey", linewidth=1, label="chance")
+    macro = f"{np.mean(aurocs):.3f}" if aurocs else "n/a"
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate",
+           title=f"{title} — macro AUROC {macro}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, title="pathology (AUROC)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

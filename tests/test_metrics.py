@@ -1,0 +1,276 @@
+import logging
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from core.metrics import (
+    THRESHOLDS,
+    bootstrap_ci,
+    bootstrap_indices,
+    choose_threshold,
+    classification_metrics,
+    delong_test,
+    paired_bootstrap,
+    ranking_metrics,
+    resample_counts,
+    retrieval_recall,
+    threshold_metrics,
+)
+from core.registry import ConfigError
+
+
+def _data(n=200, k=5, seed=0, signal=1.0, decimals=None):
+    """Multi-label targets with scores that separate them by ``signal`` (rounded to create ties)."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, k)) < np.linspace(0.15, 0.5, k)).astype(float)
+    scores = 1 / (1 + np.exp(-(signal * (2 * labels - 1) + rng.normal(0, 1, (n, k)))))
+    return labels, (np.round(scores, decimals) if decimals is not None else scores)
+
+
+def _sk_macro_auroc(labels, scores):
+    return np.mean([roc_auc_score(labels[:, k], scores[:, k]) for k in range(labels.shape[1])])
+
+
+# --------------------------------------------------------------------------- point estimates vs scikit-learn
+
+
+@pytest.mark.parametrize("protocol", ["ctclip", "fixed0.5", "youden"])
+def test_classification_metrics_equal_sklearn(protocol):
+    labels, scores = _data(n=120, k=4, decimals=2)
+    per_label, macro = classification_metrics(labels, scores, protocol, names=["a", "b", "c", "d"])
+    assert list(per_label.columns) == ["pathology", "auroc", "auprc", "f1", "precision", "recall", "accuracy",
+                                       "threshold", "protocol"]
+    assert per_label["pathology"].tolist() == ["a", "b", "c", "d"]
+    assert (per_label["protocol"] == protocol).all()
+    for k, row in per_label.iterrows():
+        y, s = labels[:, k], scores[:, k]
+        assert row["threshold"] == choose_threshold(protocol, y, s)
+        pred = (s > row["threshold"]).astype(int)
+        assert row["auroc"] == pytest.approx(roc_auc_score(y, s))
+        assert row["auprc"] == pytest.approx(average_precision_score(y, s))
+        assert row["f1"] == pytest.approx(f1_score(y, pred, average="weighted"))
+        assert row["precision"] == pytest.approx(precision_score(y, pred, zero_division=0))
+        assert row["recall"] == pytest.approx(recall_score(y, pred))
+        assert row["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    for metric in ("auroc", "auprc", "f1", "precision", "recall", "accuracy"):
+        assert macro[metric] == pytest.approx(per_label[metric].mean())
+
+
+def test_ctclip_threshold_hand_computed():
+    # thresholds t = i/99; rule score > t. Distances √((1−TPR)² + FPR²) per score interval:
+    #   t < .2: (1, 1) → 1;  .2 ≤ t < .3: (1, 2/3) → .667;  .3 ≤ t < .5: (1, 1/3) → .333 (best)
+    #   .5 ≤ t < .7: (.5, 1/3) → .601;  .7 ≤ t < .8: (.5, 0) → .5;  t ≥ .8: (0, 0) → 1
+    # i = 30 … 49 reach .333; CT-CLIP keeps the last one (<=): 49/99.
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.2, 0.3, 0.7, 0.5, 0.8])
+    assert choose_threshold("ctclip", labels, scores) == pytest.approx(49 / 99)
+    per_label, _ = classification_metrics(labels, scores, "ctclip")
+    row = per_label.iloc[0]
+    # predictions [0, 0, 1, 1, 1]: F1⁺ = 4/5, F1⁻ = 4/5 → weighted 0.8; precision 2/3; recall 1; accuracy 4/5
+    assert (row["f1"], row["precision"], row["recall"], row["accuracy"]) == pytest.approx((0.8, 2 / 3, 1.0, 0.8))
+
+
+def test_ctclip_threshold_keeps_the_last_of_tied_distances():
+    # .1 ≤ t < .4 gives (TPR 1, FPR .5) and .6 ≤ t < .9 gives (TPR .5, FPR 0): both at distance .5.
+    labels = np.array([0, 0, 1, 1])
+    scores = np.array([0.1, 0.6, 0.4, 0.9])
+    assert choose_threshold("ctclip", labels, scores) == pytest.approx(89 / 99)
+
+
+def test_youden_and_fixed_thresholds():
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.2, 0.3, 0.7, 0.5, 0.8])
+    # J per cut (everything positive … nothing): 0, 1/3, 2/3, 1/6, 1/2, 0 → cut between .3 and .5
+    assert choose_threshold("youden", labels, scores) == pytest.approx(0.4)
+    assert choose_threshold("fixed0.5", labels, scores) == 0.5
+    # strict rule: a positive scored exactly 0.5 is predicted negative at fixed0.5
+    per_label, _ = classification_metrics(np.array([1, 0, 1]), np.array([0.5, 0.2, 0.9]), "fixed0.5")
+    assert per_label.loc[0, "recall"] == pytest.approx(0.5)
+
+
+def test_threshold_protocols_registry():
+    assert THRESHOLDS.names() == ["ctclip", "fixed0.5", "youden"]
+    with pytest.raises(ConfigError, match="did you mean 'fixed0.5'"):
+        classification_metrics(np.array([0, 1]), np.array([0.2, 0.8]), "fixed05")
+
+
+def test_single_class_label_is_nan_and_left_out(caplog):
+    labels, scores = _data(n=50, k=3)
+    labels[:, 1] = 0
+    with caplog.at_level(logging.WARNING, logger="core.metrics"):
+        per_label, macro = classification_metrics(labels, scores, "ctclip", names=["x", "never", "z"])
+    assert per_label.loc[1, ["auroc", "auprc", "f1", "threshold"]].isna().all()
+    assert macro["auroc"] == pytest.approx(np.mean([roc_auc_score(labels[:, k], scores[:, k]) for k in (0, 2)]))
+    assert "never" in caplog.text
+
+
+def test_bad_inputs_are_explained():
+    with pytest.raises(ValueError, match="must both be"):
+        classification_metrics(np.zeros((4, 2)), np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="0 or 1"):
+        classification_metrics(np.array([[0.0], [2.0]]), np.array([[0.1], [0.2]]))
+    with pytest.raises(ValueError, match="NaN"):
+        classification_metrics(np.array([[0.0], [1.0]]), np.array([[0.1], [np.nan]]))
+    with pytest.raises(ValueError, match="label names"):
+        classification_metrics(np.array([[0.0], [1.0]]), np.array([[0.1], [0.2]]), names=["a", "b"])
+
+
+# --------------------------------------------------------------------------- vectorised metrics per resample
+
+
+def test_vectorised_ranking_metrics_equal_sklearn_per_resample():
+    labels, scores = _data(n=80, k=4, decimals=1)  # coarse rounding → many ties
+    indices = bootstrap_indices(80, 25, seed=3)
+    out = ranking_metrics(labels, scores, resample_counts(indices, 80))
+    assert out["auroc"].shape == out["auprc"].shape == (25, 4)
+    for b, idx in enumerate(indices):
+        for k in range(4):
+            y, s = labels[idx, k], scores[idx, k]
+            assert out["auroc"][b, k] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+            assert out["auprc"][b, k] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+
+
+def test_vectorised_threshold_metrics_equal_sklearn_per_resample():
+    labels, scores = _data(n=60, k=3)
+    pred = scores > 0.5
+    indices = bootstrap_indices(60, 20, seed=1)
+    out = threshold_metrics(labels, pred, resample_counts(indices, 60))
+    for b, idx in enumerate(indices):
+        for k in range(3):
+            y, p = labels[idx, k], pred[idx, k]
+            assert out["f1"][b, k] == pytest.approx(f1_score(y, p, average="weighted"))
+            assert out["precision"][b, k] == pytest.approx(precision_score(y, p, zero_division=0))
+            assert out["recall"][b, k] == pytest.approx(recall_score(y, p, zero_division=0))
+            assert out["accuracy"][b, k] == pytest.approx(accuracy_score(y, p))
+
+
+def test_resample_counts_are_the_multiplicities_of_the_drawn_indices():
+    indices = bootstrap_indices(7, 5, seed=0)
+    counts = resample_counts(indices, 7)
+    for idx, row in zip(indices, counts, strict=True):
+        np.testing.assert_array_equal(row, np.bincount(idx, minlength=7))
+
+
+# --------------------------------------------------------------------------- bootstrap CIs
+
+
+def test_bootstrap_really_resamples():
+    """The CI equals percentiles of scikit-learn's macro AUROC on explicitly resampled arrays."""
+    labels, scores = _data(n=100, k=3)
+    indices = bootstrap_indices(100, 200, seed=5)
+    explicit = [_sk_macro_auroc(labels[idx], scores[idx]) for idx in indices]
+    low, high = bootstrap_ci(labels, scores, "ctclip", n=200, ci=0.9, seed=5)["auroc"]
+    assert (low, high) == pytest.approx(tuple(np.percentile(explicit, [5, 95])))
+
+
+@pytest.mark.parametrize("protocol", ["ctclip", "fixed0.5"])
+def test_bootstrap_ci_contains_estimate_and_narrows_with_more_volumes(protocol):
+    widths = {}
+    for n in (100, 1600):
+        labels, scores = _data(n=n, k=4, seed=n)
+        _, macro = classification_metrics(labels, scores, protocol)
+        cis = bootstrap_ci(labels, scores, protocol, n=1000, seed=0)
+        assert set(cis) == set(macro)
+        for metric, (low, high) in cis.items():
+            assert low < macro[metric] < high, metric
+        widths[n] = {m: high - low for m, (low, high) in cis.items()}
+    for metric in widths[100]:
+        assert 0 < widths[1600][metric] < widths[100][metric] / 2, metric  # ≈ 1/√16 = 1/4 in theory
+
+
+def test_bootstrap_is_deterministic_for_a_seed():
+    labels, scores = _data(n=120, k=3)
+    assert bootstrap_ci(labels, scores, seed=7, n=300) == bootstrap_ci(labels, scores, seed=7, n=300)
+    assert bootstrap_ci(labels, scores, seed=7, n=300) != bootstrap_ci(labels, scores, seed=8, n=300)
+
+
+def test_bootstrap_rejects_bad_arguments():
+    labels, scores = _data(n=20, k=2)
+    with pytest.raises(ValueError, match="n >= 1"):
+        bootstrap_ci(labels, scores, n=0)
+    with pytest.raises(ValueError, match="unknown metric"):
+        bootstrap_ci(labels, scores, metrics=["aucroc"])
+
+
+# --------------------------------------------------------------------------- paired tests
+
+
+def test_paired_bootstrap_identical_scores():
+    labels, scores = _data(n=150, k=4)
+    out = paired_bootstrap(labels, scores, scores.copy(), "auroc", n=500)
+    assert out == {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0}
+
+
+@pytest.mark.parametrize("metric", ["auroc", "auprc", "f1"])
+def test_paired_bootstrap_detects_a_clearly_better_scorer(metric):
+    labels, good = _data(n=300, k=4, seed=1, signal=2.0)
+    _, weak = _data(n=300, k=4, seed=1, signal=0.2)
+    out = paired_bootstrap(labels, good, weak, metric, n=1000)
+    _, macro_good = classification_metrics(labels, good)
+    _, macro_weak = classification_metrics(labels, weak)
+    assert out["delta"] == pytest.approx(macro_good[metric] - macro_weak[metric])
+    assert out["delta"] > 0 and out["ci_low"] > 0 and out["p_value"] < 0.05
+    reverse = paired_bootstrap(labels, weak, good, metric, n=1000)
+    assert reverse["delta"] == pytest.approx(-out["delta"]) and reverse["p_value"] < 0.05
+
+
+def test_delong_matches_its_definition():
+    labels, a = _data(n=40, k=1, seed=2, signal=1.0, decimals=1)
+    _, b = _data(n=40, k=1, seed=3, signal=0.5)
+    y, a, b = labels[:, 0].astype(bool), a[:, 0], b[:, 0]
+    out = delong_test(y, a, b)
+    assert out["auc_a"] == pytest.approx(roc_auc_score(y, a)) and out["auc_b"] == pytest.approx(roc_auc_score(y, b))
+
+    def components(s):  # ψ(x, y) = 1 if x > y, ½ if equal, 0 otherwise
+        psi = (s[y][:, None] > s[~y][None, :]) + 0.5 * (s[y][:, None] == s[~y][None, :])
+        return psi.mean(1), psi.mean(0)
+
+    (a10, a01), (b10, b01) = components(a), components(b)
+    m, n = y.sum(), (~y).sum()
+    var = (np.var(a10, ddof=1) + np.var(b10, ddof=1) - 2 * np.cov(a10, b10)[0, 1]) / m + \
+        (np.var(a01, ddof=1) + np.var(b01, ddof=1) - 2 * np.cov(a01, b01)[0, 1]) / n
+    assert out["z"] == pytest.approx((a10.mean() - b10.mean()) / np.sqrt(var))
+    assert delong_test(y, a, a)["p_value"] == 1.0
+
+
+def test_delong_detects_a_clearly_better_scorer():
+    labels, good = _data(n=300, k=1, seed=4, signal=2.0)
+    _, weak = _data(n=300, k=1, seed=4, signal=0.1)
+    assert delong_test(labels, good, weak)["p_value"] < 0.05
+
+
+# --------------------------------------------------------------------------- retrieval
+
+
+def test_retrieval_recall_equals_brute_force():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(30, 8))
+    text = image + rng.normal(scale=1.5, size=(30, 8))
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    out = retrieval_recall(image, text, ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        v2t = np.mean([i in np.argsort(-(image[i] @ text.T))[:k] for i in range(30)])
+        t2v = np.mean([i in np.argsort(-(text[i] @ image.T))[:k] for i in range(30)])
+        assert out[f"retrieval_v2t_r{k}"] == pytest.approx(v2t)
+        assert out[f"retrieval_t2v_r{k}"] == pytest.approx(t2v)
+    assert 0 < out["retrieval_v2t_r1"] < out["retrieval_v2t_r10"] < 1
+
+
+def test_retrieval_k_above_n_is_clipped_with_a_warning(caplog):
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(6, 4))
+    with caplog.at_level(logging.WARNING, logger="core.metrics"):
+        out = retrieval_recall(emb, rng.normal(size=(6, 4)), ks=(1, 50))
+    assert out["retrieval_v2t_r50"] == out["retrieval_t2v_r50"] == 1.0
+    assert "clipped" in caplog.text
+    with pytest.raises(ValueError, match="must both be"):
+        retrieval_recall(emb, emb[:3])
