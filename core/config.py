@@ -358,12 +358,12 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Keys that change where or how a run is logged or fed, never what it computes.
-_NON_SEMANTIC_KEYS = ("name", "tracking.", "train.output_dir", "train.log_every", "train.checkpoint_every",
+NON_SEMANTIC_KEYS = ("name", "tracking.", "train.output_dir", "train.log_every", "train.checkpoint_every",
                       "data.root", "data.cache_dir", "data.num_workers", "data.pin_memory", "data.prefetch_factor",
                       "data.persistent_workers", "train.device", "eval.every_epoch")
 
 
 def config_id(cfg: Config, length: int = 12) -> str:
     """A stable hash of everything that changes a run's result (not where it is logged or stored)."""
-    items = {k: v for k, v in flatten(config_to_dict(cfg)).items() if not k.startswith(_NON_SEMANTIC_KEYS)}
+    items = {k: v for k, v in flatten(config_to_dict(cfg)).items() if not k.startswith(NON_SEMANTIC_KEYS)}
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:length]

@@ -53,7 +53,7 @@ class ContrastiveLoss(nn.Module):
 
     def state_metrics(self) -> dict[str, float]:
         """The learnable temperature parameters, for logging."""
-        return {"logit_scale": float(self.scale())}
+        return {"logit_scale": float(self.scale().detach())}
 
 
 @LOSSES.register("clip")
@@ -86,7 +86,7 @@ class SigLipLoss(ContrastiveLoss):
         return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
 
     def state_metrics(self) -> dict[str, float]:
-        return {**super().state_metrics(), "logit_bias": float(self.logit_bias)}
+        return {**super().state_metrics(), "logit_bias": float(self.logit_bias.detach())}
 
 
 def create_loss(

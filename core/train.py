@@ -144,8 +144,8 @@ def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
     ``epoch_callback(epoch, metrics)`` runs on rank 0 after each epoch's evaluation; it may raise
     ``StopTraining`` to end the run early (status KILLED, reason tagged).
     """
-    from core.data.cache import prepare
-    from core.data.dataset import CachedCTDataset, data_fingerprint
+    from core.data.cache import data_fingerprint, prepare
+    from core.data.dataset import CachedCTDataset
     from core.lora import apply_adaptation
 
     env = init_distributed(cfg.train.device)

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from core.tracking import FINISHED, Tracker, find_runs, get_client
 from experiments.matrix import Cell, Matrix
 
 log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 CLAIM_PREFIX = "ctlab-claim"
 PARENT_PREFIX = "ctlab-parent"
 
@@ -264,6 +266,9 @@ def prepare_data(matrix: Matrix, progress: bool = True) -> None:
 def launch(matrix: Matrix, opts: LaunchOptions, workers: int = 1, matrix_path: Path | None = None) -> int:
     """Run ``workers`` worker processes on this machine (1 = in this process); returns an exit status."""
     prepare_data(matrix, opts.progress)
+    storage = open_storage(opts)  # create both databases' tables here, not in racing workers
+    open_study(matrix, storage)
+    parent_run_id(matrix, storage, opts.tracking_uri)
     if workers <= 1:
         work(matrix, opts)
         return 0

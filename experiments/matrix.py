@@ -26,20 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.config import Config, TrackingConfig, apply_overrides, config_from_dict, config_id, load_yaml
+from core.config import (
+    Config,
+    TrackingConfig,
+    apply_overrides,
+    config_from_dict,
+    config_id,
+    config_to_dict,
+    flatten,
+    load_yaml,
+)
 from core.encoders.base import unsupported_axes
+from core.naming import component_values, config_label
 from core.registry import ConfigError, closest
 
 MATRIX_KEYS = ("name", "description", "base", "overrides", "axes", "exclude", "include", "repeats", "baseline")
-
-# Short component names for table rows, as the seed paper writes them ("SA+GELU+LN, softmax").
-COMPONENT_LABELS = {
-    "attention": {"standard": "SA", "sdpa": "SDPA", "flash": "FA"},
-    "mlp": {"gelu": "GELU", "swiglu": "SwiGLU", "geglu": "GEGLU"},
-    "norm": {"layernorm": "LN", "rmsnorm": "RMSNorm"},
-    "loss": {"clip": "softmax", "siglip": "sigmoid"},
-}
-
 
 @dataclass
 class Cell:
@@ -83,21 +84,7 @@ class Matrix:
 
 def cell_label(cfg: Config) -> str:
     """The row name of a config in result tables, e.g. "SA+GELU+LN, softmax" (other encoders prefixed)."""
-    from core.encoders.base import resolve_axes
-
-    m = cfg.model
-    try:
-        axes = resolve_axes(m)
-    except ConfigError:
-        axes = {a: getattr(m, a) for a in ("attention", "mlp", "norm") if getattr(m, a) is not None}
-    parts = [COMPONENT_LABELS[a].get(axes[a], axes[a]) for a in ("attention", "mlp", "norm") if a in axes]
-    components = "+".join(parts)
-    if m.encoder != "ctvit":
-        components = f"{m.encoder}" + (f" {components}" if components else "")
-    label = f"{components}, {COMPONENT_LABELS['loss'].get(m.loss, m.loss)}"
-    if m.adaptation != "full":
-        label += f", {m.adaptation}"
-    return label
+    return config_label(component_values(flatten(config_to_dict(cfg))))
 
 
 def _check_keys(data: dict[str, Any], path: Path | None) -> None:

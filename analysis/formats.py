@@ -1,0 +1,171 @@
+"""Numeric tables → text: display strings (3 decimals, CIs in brackets), Markdown, LaTeX (booktabs) and CSV.
+
+Markdown is written here rather than through ``DataFrame.to_markdown``,
+which needs the optional ``tabulate`` package. The CSV always holds the
+unrounded numbers; Markdown and LaTeX hold the display strings.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.tables import METRICS, effect_name
+
+MISSING = "–"
+METRIC_NAMES = {"auroc": "AUROC", "f1": "F1", "precision": "Precision", "recall": "Recall", "auprc": "AUPRC"}
+_LATEX = str.maketrans({
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+    "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
+    "Δ": r"$\Delta$", "×": r"$\times$", "→": r"$\rightarrow$", "–": "--", "−": "-", "±": r"$\pm$", "…": r"\ldots{}",
+})
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def number(value: object, digits: int = 3, signed: bool = False) -> str:
+    """``value`` to ``digits`` decimals ("+0.016" when ``signed``), "–" when missing."""
+    if _missing(value):
+        return MISSING
+    return f"{float(value):+.{digits}f}" if signed else f"{float(value):.{digits}f}"
+
+
+def with_ci(value: object, low: object, high: object, digits: int = 3, signed: bool = False) -> str:
+    """"0.604 [0.581, 0.627]" (the 95 % CI in brackets when logged)."""
+    text = number(value, digits, signed)
+    if _missing(low) or _missing(high) or text == MISSING:
+        return text
+    return f"{text} [{number(low, digits, signed)}, {number(high, digits, signed)}]"
+
+
+def p_value(value: object) -> str:
+    """"0.012", "<0.001" or "–"."""
+    if _missing(value):
+        return MISSING
+    return "<0.001" if float(value) < 0.001 else f"{float(value):.3f}"
+
+
+def performance_display(table: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """The seed paper's table: Configuration, AUROC, F1, Precision, Recall, AUPRC (95 % CIs when logged),
+    then Δ AUROC vs the baseline (with the paired-bootstrap CI) and its p-value when computed."""
+    out = pd.DataFrame({"Configuration": table["config"]})
+    for metric in METRICS:
+        out[METRIC_NAMES[metric]] = [with_ci(v, lo, hi) for v, lo, hi in
+                                     zip(table[metric], table[f"{metric}_ci_low"], table[f"{metric}_ci_high"],
+                                         strict=True)]
+    is_base = table["config"] == baseline
+    has_test = "p_value" in table
+    delta, low, high = table["delta_auroc"], [None] * len(table), [None] * len(table)
+    if has_test:  # the paired test's own Δ, which its CI brackets; the logged difference where untested
+        delta = table["delta_auroc_bootstrap"].fillna(table["delta_auroc"])
+        low, high = table["delta_auroc_ci_low"], table["delta_auroc_ci_high"]
+    out["Δ AUROC"] = ["baseline" if base else with_ci(d, lo, hi, signed=True)
+                      for base, d, lo, hi in zip(is_base, delta, low, high, strict=True)]
+    if has_test:
+        out["p"] = [MISSING if base else p_value(p) for base, p in zip(is_base, table["p_value"], strict=True)]
+    return out
+
+
+def effect_display(effects: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
+    """Axis, change ("SA → FA"), mean Δ, range of Δ over matched pairs, and the number of pairs."""
+    name = METRIC_NAMES.get(metric, metric)
+    return pd.DataFrame({
+        "Axis": effects["axis"],
+        "Change": [effect_name(row) for _, row in effects.iterrows()],
+        f"Mean Δ {name}": [number(v, signed=True) for v in effects["mean_delta"]],
+        f"Δ {name} range": [MISSING if n == 0 else f"{number(lo, signed=True)} … {number(hi, signed=True)}"
+                            for lo, hi, n in zip(effects["min_delta"], effects["max_delta"], effects["n_pairs"],
+                                                 strict=True)],
+        "Matched pairs": effects["n_pairs"].astype(int).astype(str),
+    })
+
+
+def memory_unit(megabytes: pd.Series) -> tuple[str, float]:
+    """("GB", 1024) when the largest peak is 10 GB or more, else ("MB", 1)."""
+    return ("GB", 1024.0) if megabytes.max() >= 10 * 1024 else ("MB", 1.0)
+
+
+def efficiency_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The seed paper's efficiency table, one row per configuration (baseline first): parameters, GFLOPs,
+    peak memory with its change vs the baseline, visual-encoder forward / backward and step time, speed-up."""
+    unit, scale = memory_unit(table["peak_memory_mb"])
+    memory = [MISSING if _missing(m) else f"{m / scale:.2f} {unit}" + ("" if i == 0 else f" ({c:+.1f} %)")
+              for i, (m, c) in enumerate(zip(table["peak_memory_mb"], table["memory_change_pct"], strict=True))]
+    return pd.DataFrame({
+        "Configuration": table["config"],
+        "Params (M)": [number(v / 1e6, 2) for v in table["params_total"]],
+        "Trainable (M)": [number(v / 1e6, 2) for v in table["params_trainable"]],
+        "GFLOPs": [number(v, 1) for v in table["gflops"]],
+        "Peak memory": memory,
+        "Visual fwd (ms)": [number(v, 2) for v in table["visual_fwd_ms"]],
+        "Visual bwd (ms)": [number(v, 2) for v in table["visual_bwd_ms"]],
+        "Step (ms)": [number(v, 2) for v in table["step_ms"]],
+        "Speed-up": [MISSING if _missing(s) else f"{s:.2f}×" for s in table["step_speedup"]],
+    })
+
+
+def reference_performance_display(rows: list[Mapping[str, object]]) -> pd.DataFrame:
+    """The paper's performance rows (from ``analysis/reference.yaml``) in the performance table's columns."""
+    return pd.DataFrame([{"Configuration": row["config"], **{METRIC_NAMES[m]: number(row.get(m)) for m in METRICS}}
+                         for row in rows])
+
+
+def reference_efficiency_display(rows: list[Mapping[str, object]]) -> pd.DataFrame:
+    """The paper's efficiency rows, with memory change and speed-up against its first row."""
+    base = rows[0]
+    out = []
+    for i, row in enumerate(rows):
+        change = "" if i == 0 else f" ({(row['peak_memory_gb'] / base['peak_memory_gb'] - 1) * 100:+.1f} %)"
+        out.append({"Configuration": row["config"], "Peak memory": f"{row['peak_memory_gb']:.2f} GB{change}",
+                    "Visual fwd (ms)": number(row["visual_fwd_ms"], 2),
+                    "Visual bwd (ms)": number(row["visual_bwd_ms"], 2), "Step (ms)": number(row["step_ms"], 2),
+                    "Speed-up": f"{base['step_ms'] / row['step_ms']:.2f}×"})
+    return pd.DataFrame(out)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of ``frame``'s cells (numeric columns right-aligned, text left)."""
+    def cell(value: object) -> str:
+        return str(value).replace("|", r"\|").replace("\n", " ")
+
+    header = "| " + " | ".join(cell(c) for c in frame.columns) + " |"
+    numeric = [frame[c].astype(str).str.match(r"[-+]?\d").any() for c in frame.columns[1:]]
+    rule = "|" + "|".join([":---"] + ["---:" if n else ":---" for n in numeric]) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def latex_escape(text: object) -> str:
+    """``text`` safe in LaTeX text mode: & % $ # _ { } ~ ^ \\ < > escaped, Δ × → – − ± as math or dashes."""
+    return str(text).translate(_LATEX)
+
+
+def latex_table(frame: pd.DataFrame, caption: str, label: str) -> str:
+    """A booktabs ``table`` of ``frame``'s cells with an escaped caption and ``\\label{tab:<label>}``."""
+    key = re.sub(r"[^A-Za-z0-9:-]+", "-", label).strip("-")
+    columns = "l" + "r" * (len(frame.columns) - 1)
+    header = " & ".join(latex_escape(c) for c in frame.columns) + r" \\"
+    body = [" & ".join(latex_escape(v) for v in row) + r" \\" for row in frame.itertuples(index=False)]
+    return "\n".join([
+        r"\begin{table}[htbp]", r"\centering", r"\small", rf"\caption{{{latex_escape(caption)}}}",
+        rf"\label{{tab:{key}}}", rf"\begin{{tabular}}{{{columns}}}", r"\toprule", header, r"\midrule", *body,
+        r"\bottomrule", r"\end{tabular}", r"\end{table}",
+    ]) + "\n"
+
+
+def write_table(numbers: pd.DataFrame, display: pd.DataFrame, folder: Path, stem: str, caption: str,
+                index: bool = False) -> dict[str, Path]:
+    """Write ``<stem>.csv`` (the unrounded ``numbers``), ``<stem>.md`` and ``<stem>.tex`` (``display``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": folder / f"{stem}.csv", "md": folder / f"{stem}.md", "tex": folder / f"{stem}.tex"}
+    numbers.to_csv(paths["csv"], index=index)
+    paths["md"].write_text(f"{caption}\n\n{markdown_table(display)}", encoding="utf-8")
+    paths["tex"].write_text(latex_table(display, caption, stem), encoding="utf-8")
+    return paths
+

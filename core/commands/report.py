@@ -1,0 +1,46 @@
+"""``ctlab report --matrix NAME``: the paper's tables, figures and report.md from a matrix's MLflow runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from core.tracking import resolve_uri
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the report and print where it is; a matrix without finished runs is a clear error (status 2)."""
+    from analysis.report import build_report
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small CSV is only noise
+    uri = args.tracking_uri or resolve_uri(None)
+    out = Path(args.out) if args.out else Path("reports") / args.matrix
+    report = build_report(uri, args.matrix, out, baseline=args.baseline, bootstrap=args.bootstrap)
+    print(f"report for matrix {args.matrix} ({len(report.run_ids)} runs from {uri}): {report.path}")
+    for name, paths in report.tables.items():
+        print(f"  table {name}: {', '.join(str(p) for p in paths.values())}")
+    for name, path in report.figures.items():
+        print(f"  figure {name}: {path}")
+    for note in report.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``report`` subcommand."""
+    parser = subparsers.add_parser(
+        "report", help="regenerate a matrix's tables, figures and report.md from MLflow (never trains)",
+        description="Read a matrix's finished runs from MLflow and write the performance, component-effect and "
+                    "efficiency tables (Markdown, LaTeX, CSV), seaborn figures and report.md.",
+    )
+    parser.add_argument("--matrix", required=True, help="matrix name (the runs' `matrix` tag)")
+    parser.add_argument("--out", help="output folder (default: reports/<matrix>)")
+    parser.add_argument("--tracking-uri",
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--baseline", metavar="CELL_LABEL",
+                        help='configuration that deltas and speed-ups compare against, e.g. "SA+GELU+LN, softmax" '
+                             "(default: the matrix YAML's baseline, else the one closest to CT-CLIP's components)")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="resamples in each paired significance test against the baseline (default 1000)")
+    parser.set_defaults(func=run)

@@ -1,0 +1,143 @@
+"""Analysis tables and their text forms on hand-built run frames (no MLflow): labels, effects, formats."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.formats import latex_escape, latex_table, markdown_table, performance_display
+from analysis.runs import first_protocol, run_params
+from analysis.tables import choose_baseline, effect_table, efficiency_table, performance_table
+from core.naming import AXES, component_values, config_label
+from core.registry import ConfigError
+
+
+def _runs(rows: list[dict]) -> pd.DataFrame:
+    """A load_runs-shaped frame: params.*, metrics.*, config, cell_id, run_id, protocol, component.*."""
+    records = []
+    for i, row in enumerate(rows):
+        params = {f"model.{k}": v for k, v in row.items() if k in AXES}
+        params.update(row.get("params", {}))
+        values = component_values(params)
+        record = {"run_id": f"run{i}", "cell_id": f"cell{i}", "config": config_label(values), "protocol": "ctclip"}
+        record.update({f"params.{k}": v for k, v in params.items()})
+        record.update({f"component.{a}": values[a] for a in AXES})
+        record.update({f"metrics.{k}": v for k, v in row.get("metrics", {}).items()})
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+@pytest.mark.parametrize(("params", "label"), [
+    ({"model.attention": "standard", "model.mlp": "gelu", "model.norm": "layernorm", "model.loss": "clip"},
+     "SA+GELU+LN, softmax"),
+    ({"model.attention": "flash", "model.mlp": "swiglu", "model.norm": "rmsnorm", "model.loss": "siglip"},
+     "FA+SwiGLU+RMSNorm, sigmoid"),
+    ({"model.attention": "sdpa", "model.mlp": "geglu", "model.norm": "layernorm", "model.loss": "clip",
+      "model.adaptation": "lora"}, "SDPA+GEGLU+LN, softmax, lora"),
+    ({"model.encoder": "vit3d", "model.attention": "sdpa", "model.mlp": "gelu", "model.norm": "rmsnorm"},
+     "vit3d SDPA+GELU+RMSNorm, softmax"),
+    ({"model.attention": "None", "model.mlp": "None", "model.norm": "None", "model.loss": "siglip"},
+     "SDPA+GELU+LN, sigmoid"),  # unset axes: CT-ViT's registered defaults
+    ({"model.encoder": "no_such_encoder", "model.attention": "None", "model.loss": "clip"}, "no_such_encoder, softmax"),
+])
+def test_config_label_from_params(params: dict, label: str) -> None:
+    assert config_label(component_values(params)) == label
+
+
+def test_efficiency_params_and_protocol_parsing() -> None:
+    row = pd.Series({"params.config.model.attention": "flash", "params.train.lr": "0.1", "params.x": np.nan})
+    assert run_params(row) == {"model.attention": "flash", "train.lr": "0.1"}
+    assert first_protocol("['fixed0.5', 'ctclip']") == "fixed0.5"
+    assert first_protocol("ctclip") == "ctclip"
+    assert first_protocol(np.nan) is None
+
+
+def test_effect_table_matches_cells_on_every_other_varying_param() -> None:
+    # attention × lr; a flash cell at lr 0.01 has no standard partner and must not count
+    auroc = {("standard", "1e-4"): 0.60, ("flash", "1e-4"): 0.64, ("standard", "1e-3"): 0.55,
+             ("flash", "1e-3"): 0.52, ("flash", "1e-2"): 0.90}
+    rows = [{"attention": a, "mlp": "gelu", "norm": "layernorm", "loss": "clip",
+             "params": {"train.lr": lr, "name": f"cell-{a}-{lr}", "tracking.run_name": f"r{i}"},
+             "metrics": {"zeroshot_auroc": v}} for i, ((a, lr), v) in enumerate(auroc.items())]
+    runs = _runs(rows)
+    effects = effect_table(runs, baseline=runs["config"].iloc[0])
+    assert list(effects["axis"]) == ["attention"]
+    row = effects.iloc[0]
+    assert (row["baseline_value"], row["value"], row["n_pairs"]) == ("standard", "flash", 2)
+    assert row["mean_delta"] == pytest.approx(((0.64 - 0.60) + (0.52 - 0.55)) / 2)
+    assert (row["min_delta"], row["max_delta"]) == pytest.approx((0.52 - 0.55, 0.64 - 0.60))
+
+
+def test_effect_table_reports_an_axis_without_matched_cells() -> None:
+    rows = [{"attention": "standard", "mlp": "gelu", "norm": "layernorm", "loss": "clip",
+             "metrics": {"zeroshot_auroc": 0.6}},
+            {"attention": "flash", "mlp": "swiglu", "norm": "rmsnorm", "loss": "clip",
+             "metrics": {"zeroshot_auroc": 0.7}}]
+    effects = effect_table(_runs(rows), "SA+GELU+LN, softmax").set_index("axis")
+    assert set(effects.index) == {"attention", "mlp", "norm"}
+    assert (effects["n_pairs"] == 0).all() and effects["mean_delta"].isna().all()
+
+
+def test_performance_table_and_display() -> None:
+    rows = [{"attention": "standard", "mlp": "gelu", "norm": "layernorm", "loss": "clip",
+             "metrics": {"zeroshot_auroc": 0.6, "zeroshot_auroc_ci_low": 0.55, "zeroshot_auroc_ci_high": 0.65,
+                         "zeroshot_f1": 0.45}},
+            {"attention": "standard", "mlp": "gelu", "norm": "layernorm", "loss": "siglip",
+             "metrics": {"zeroshot_auroc": 0.62, "zeroshot_f1": 0.47}}]
+    runs = _runs(rows)
+    table = performance_table(runs, "SA+GELU+LN, softmax")
+    assert table["delta_auroc"].tolist() == pytest.approx([0.0, 0.02])
+    assert table["recall"].isna().all()  # never logged → NaN, never invented
+    shown = performance_display(table, "SA+GELU+LN, softmax")
+    assert shown.loc[0, "AUROC"] == "0.600 [0.550, 0.650]" and shown.loc[1, "AUROC"] == "0.620"
+    assert shown.loc[0, "Recall"] == "–" and shown.loc[0, "Δ AUROC"] == "baseline"
+    assert shown.loc[1, "Δ AUROC"] == "+0.020" and "p" not in shown
+    significance = pd.DataFrame({"config": ["SA+GELU+LN, sigmoid"], "delta_auroc_ci_low": [-0.01],
+                                 "delta_auroc_ci_high": [0.05], "p_value": [0.0004],
+                                 "delta_auroc_bootstrap": [0.021], "n_volumes": [30]})
+    shown = performance_display(performance_table(runs, "SA+GELU+LN, softmax", significance), "SA+GELU+LN, softmax")
+    assert shown.loc[1, "Δ AUROC"] == "+0.021 [-0.010, +0.050]" and shown.loc[1, "p"] == "<0.001"
+
+
+def test_choose_baseline() -> None:
+    runs = pd.DataFrame({"config": ["SA+GELU+LN, softmax", "FA+GELU+LN, softmax"]})
+    assert choose_baseline(runs) == "SA+GELU+LN, softmax"
+    assert choose_baseline(runs, "FA+GELU+LN, softmax") == "FA+GELU+LN, softmax"
+    with pytest.raises(ConfigError, match="did you mean 'FA\\+GELU\\+LN, softmax'"):
+        choose_baseline(runs, "FA+GELU+LN, sofmax")
+    runs["params.model.attention"] = ["standard", "flash"]
+    assert choose_baseline(runs, declared={"model.attention": "flash"}) == "FA+GELU+LN, softmax"
+    assert choose_baseline(runs, declared={"model.attention": "sdpa"}) == "SA+GELU+LN, softmax"  # no match: first
+
+
+def test_efficiency_speedup_and_memory_change() -> None:
+    eff = pd.DataFrame({"config": ["FA", "SA"], "cell_id": ["b", "a"], "run_id": ["r2", "r1"],
+                        "metrics.peak_memory_mb": [90.95, 118.98], "metrics.step_ms": [1234.89, 1311.98]})
+    table = efficiency_table(eff, baseline="SA")
+    assert list(table["config"]) == ["SA", "FA"]
+    assert table.loc[1, "memory_change_pct"] == pytest.approx(-23.56, abs=0.01)  # the paper's −23.6 %
+    assert table.loc[1, "step_speedup"] == pytest.approx(1311.98 / 1234.89)
+    assert table["gflops"].isna().all()
+
+
+def test_latex_escaping_and_balance() -> None:
+    assert latex_escape("a_b 10% & #1 {x} ~ ^ \\ <0.001") == \
+        r"a\_b 10\% \& \#1 \{x\} \textasciitilde{} \textasciicircum{} \textbackslash{} \textless{}0.001"
+    assert latex_escape("Δ AUROC 1.06× −1") == r"$\Delta$ AUROC 1.06$\times$ -1"
+    frame = pd.DataFrame({"Configuration": ["SA_1 (50%)", "FA & co"], "AUROC": ["0.600", "0.610"]})
+    tex = latex_table(frame, "Results for run_1", "perf table")
+    assert tex.count(r"\begin{tabular}{lr}") == 1 and tex.count(r"\end{tabular}") == 1
+    assert re.search(r"\\toprule\nConfiguration & AUROC \\\\\n\\midrule\n", tex)
+    assert r"SA\_1 (50\%) & 0.600 \\" in tex and r"FA \& co & 0.610 \\" in tex
+    assert r"\caption{Results for run\_1}" in tex and r"\label{tab:perf-table}" in tex
+    assert tex.rstrip().endswith(r"\bottomrule" "\n" r"\end{tabular}" "\n" r"\end{table}")
+
+
+def test_markdown_table() -> None:
+    frame = pd.DataFrame({"Configuration": ["a|b", "c"], "AUROC": ["0.600", "–"], "Change": ["SA → FA", "x"]})
+    lines = markdown_table(frame).splitlines()
+    assert lines == ["| Configuration | AUROC | Change |", "|:---|---:|:---|",
+                     r"| a\|b | 0.600 | SA → FA |", "| c | – | x |"]
