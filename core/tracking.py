@@ -226,3 +226,18 @@ def find_runs(uri: str | None, filter_string: str, experiment: str | None = None
 
 
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+
+
+def log_efficiency_runs(rows: list[dict[str, dict[str, Any]]], uri: str | None = None,
+                        experiment: str = "efficiency") -> list[str]:
+    """One FINISHED run per bench record (``core.bench.bench_to_mlflow_rows``) in the ``efficiency`` experiment."""
+    run_ids = []
+    for row in rows:
+        device = str(row["params"].get("bench.device", "cpu"))
+        tracker = Tracker(uri, experiment, run_name=row["tags"].get("cell_label"),
+                          tags={**row["tags"], **environment_tags(device)})
+        tracker.log_params(row["params"])
+        tracker.log_metrics(row["metrics"], step=0)
+        tracker.finish()
+        run_ids.append(tracker.run_id)
+    return run_ids

@@ -32,8 +32,11 @@ def tiny_overrides() -> list[str]:
 
 
 @pytest.fixture
-def postgres_uri():
-    """A fresh PostgreSQL database on the server .ci/run starts (CTLAB_TEST_POSTGRES_URI); skipped without one."""
+def postgres_db():
+    """Make fresh PostgreSQL databases on the server .ci/run starts (CTLAB_TEST_POSTGRES_URI); skipped without one.
+
+    MLflow and Optuna each keep an ``alembic_version`` table, so each store needs a database of its own.
+    """
     import uuid
 
     import psycopg
@@ -43,10 +46,17 @@ def postgres_uri():
         if os.environ.get("CTLAB_REQUIRE_SERVICES"):
             pytest.fail("CTLAB_REQUIRE_SERVICES is set but CTLAB_TEST_POSTGRES_URI is not: the server did not start")
         pytest.skip("CTLAB_TEST_POSTGRES_URI is not set (bash .ci/postgres.sh starts a server and prints it)")
-    name = f"ctlab_test_{uuid.uuid4().hex[:10]}"
     admin = server.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    created = []
+
+    def create() -> str:
+        name = f"ctlab_test_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        created.append(name)
+        return f"{server}/{name}"
+
+    yield create
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield f"{server}/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        for name in created:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

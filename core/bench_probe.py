@@ -1,0 +1,109 @@
+"""Measuring primitives of the efficiency bench: FLOPs, wall time and peak tensor memory.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``: matrix products
+and convolutions, 2 FLOPs per multiply-add (a Linear of ``in → out`` on
+``batch`` rows is 2·in·out·batch); element-wise work (softmax, norms,
+activations) is not counted, as in every published GFLOPs table.
+
+Peak memory is the peak of bytes held by live tensors during one call, over
+what was allocated before it:
+
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
+  (tensor bytes, not the caching allocator's reserve).
+- CPU: torch exposes no peak counter for its CPU allocator, and RSS mixes in
+  the Python heap and malloc's reuse of freed pages. So the call runs under
+  ``torch.profiler`` with ``profile_memory=True``: every allocation and free
+  of torch's CPU allocator is an event with its byte count (frees negative),
+  and the peak of their running sum in time order is the peak of tensor bytes
+  allocated during the call and alive at once. Same quantity as on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from core.distributed import resolve_device
+from core.registry import ConfigError
+
+MEMORY_MEASURE = {
+    "cuda": "torch.cuda.max_memory_allocated",
+    "cpu": "torch.profiler peak of live CPU tensor bytes",
+}
+
+
+def bench_device(device: str | torch.device) -> torch.device:
+    """``auto`` → the first CUDA GPU when there is one, else the CPU; only CPU and CUDA can be measured."""
+    device = resolve_device(str(device))
+    if device.type not in MEMORY_MEASURE:
+        raise ConfigError(f"bench device '{device}': only cpu and cuda can be measured; use --device cpu or cuda")
+    return device
+
+
+def count_flops(module: nn.Module, *inputs: Any) -> int:
+    """FLOPs of one forward of ``module`` on ``inputs``, as torch's FLOP counter counts them."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return int(counter.get_total_flops())
+
+
+def gflops(module: nn.Module, *inputs: Any) -> float:
+    """``count_flops`` in units of 10⁹."""
+    return count_flops(module, *inputs) / 1e9
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """Run ``fn()`` and return its result with its duration in ms (CUDA events on a GPU, perf_counter on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return out, start.elapsed_time(end)
+    start_s = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - start_s) * 1e3
+
+
+def peak_increase(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
+    """Run ``fn()``; return its result and the peak of tensor bytes it allocated and held at once."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.max_memory_allocated(device) - before
+    # Kineto logs every profiler start/stop at its lowest level; level 6 keeps CLI output readable.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return out, peak
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and repeats counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
