@@ -1,0 +1,140 @@
+"""Preprocessing: HU conversion, resampling, HU window, crop/pad and the NIfTI → (D, H, W) axis order."""
+
+import numpy as np
+import pytest
+import torch
+
+from core.data.ctrate import parse_xy_spacing
+from core.data.preprocess import (
+    NIFTI_TO_DHW,
+    Preprocessing,
+    crop_or_pad,
+    decode,
+    encode,
+    load_nifti,
+    preprocess_file,
+    resample,
+    resampled_shape,
+    to_hu,
+    window,
+)
+from tests.data_fixtures import write_nifti
+
+WIDE = (-4000.0, 4000.0)  # a window that clips nothing, so [-1, 1] values map back to HU exactly
+
+
+def _back_to_hu(volume: np.ndarray, low: float = WIDE[0], high: float = WIDE[1]) -> np.ndarray:
+    return (volume + 1.0) / 2.0 * (high - low) + low
+
+
+def test_hu_from_header_scaling_matches_hand_computed_voxels(tmp_path):
+    raw = np.zeros((4, 5, 6), dtype=np.int16)
+    raw[0, 0, 0], raw[1, 2, 3], raw[3, 4, 5] = 0, 1024, 3000
+    path = write_nifti(tmp_path / "v.nii.gz", raw, slope=0.5, inter=-1024.0)
+    volume = load_nifti(path)
+    assert volume.slope == 0.5 and volume.intercept == -1024.0
+    hu = to_hu(volume.raw, volume.slope, volume.intercept)
+    # volume is (D, H, W) = (k, j, i)
+    assert hu[0, 0, 0] == -1024.0  # 0 × 0.5 − 1024
+    assert hu[3, 2, 1] == -512.0  # 1024 × 0.5 − 1024
+    assert hu[5, 4, 3] == 476.0  # 3000 × 0.5 − 1024
+
+
+def test_metadata_slope_intercept_win_over_the_header(tmp_path):
+    raw = np.full((4, 4, 4), 1000, dtype=np.int16)
+    path = write_nifti(tmp_path / "v.nii.gz", raw, slope=1.0, inter=0.0)
+    prep = Preprocessing((1.0, 1.0, 1.0), (4, 4, 4), WIDE)
+    from_metadata = _back_to_hu(preprocess_file(path, prep, slope=2.0, intercept=-1024.0))
+    from_header = _back_to_hu(preprocess_file(path, prep))
+    np.testing.assert_allclose(from_metadata, 2.0 * 1000 - 1024, atol=0.05)
+    np.testing.assert_allclose(from_header, 1000.0, atol=0.05)
+
+
+def test_window_clips_and_scales_to_unit_range():
+    hu = np.array([-3000.0, -1000.0, -500.0, 0.0, 1000.0, 2500.0], dtype=np.float32)
+    np.testing.assert_allclose(window(hu, -1000.0, 1000.0), [-1.0, -1.0, -0.5, 0.0, 1.0, 1.0])
+    np.testing.assert_allclose(window(hu, -500.0, 1500.0), [-1.0, -1.0, -1.0, -0.5, 0.5, 1.0], atol=1e-6)
+
+
+def test_resampled_shape_follows_spacing_ratio():
+    volume = np.zeros((10, 20, 30), dtype=np.float32)
+    out = resample(volume, (3.0, 1.5, 1.0), (1.5, 0.75, 2.0))
+    assert out.shape == (20, 40, 15)
+    assert resampled_shape((240, 512, 512), (1.25, 0.7, 0.7), (1.5, 0.75, 0.75)) == (200, 478, 478)
+
+
+def test_resampling_keeps_a_constant_volume_constant_and_a_ramp_monotone():
+    flat = np.full((6, 8, 8), 37.0, dtype=np.float32)
+    np.testing.assert_allclose(resample(flat, (2.0, 1.0, 1.0), (1.0, 0.5, 2.0)), 37.0, atol=1e-4)
+    ramp = np.broadcast_to(np.arange(6, dtype=np.float32)[:, None, None], (6, 4, 4)).copy()
+    out = resample(ramp, (2.0, 1.0, 1.0), (1.0, 1.0, 1.0))
+    assert out.shape == (12, 4, 4) and np.all(np.diff(out[:, 0, 0]) >= 0)
+
+
+def test_crop_is_centred():
+    volume = np.arange(10, dtype=np.float32).reshape(10, 1, 1) * np.ones((10, 4, 4), dtype=np.float32)
+    out = crop_or_pad(volume, (6, 4, 4))
+    np.testing.assert_array_equal(out[:, 0, 0], [2, 3, 4, 5, 6, 7])
+
+
+def test_pad_is_centred_with_minus_one():
+    volume = np.ones((4, 3, 2), dtype=np.float32)
+    out = crop_or_pad(volume, (8, 5, 2))
+    assert out.shape == (8, 5, 2)
+    assert out[2:6, 1:4, :].min() == 1.0  # (8-4)//2 = 2 before, (5-3)//2 = 1 before
+    assert out.sum() == 4 * 3 * 2 - (8 * 5 * 2 - 4 * 3 * 2)
+    assert set(np.unique(out)) == {-1.0, 1.0}
+
+
+def test_odd_crop_and_pad_put_the_extra_voxel_at_the_end():
+    volume = np.arange(5, dtype=np.float32).reshape(5, 1, 1)
+    np.testing.assert_array_equal(crop_or_pad(volume, (2, 1, 1))[:, 0, 0], [1, 2])  # start (5-2)//2 = 1
+    np.testing.assert_array_equal(crop_or_pad(volume, (8, 1, 1))[:, 0, 0], [-1, 0, 1, 2, 3, 4, -1, -1])
+
+
+def test_axis_order_nifti_ijk_becomes_dhw_kji(tmp_path):
+    """data[i, j, k] (columns, rows, slices) must land at volume[k, j, i] (D, H, W)."""
+    x, y, z = 6, 5, 4  # asymmetric so any wrong transpose changes the shape
+    data = np.zeros((x, y, z), dtype=np.int16)
+    data[1, 3, 2] = 1000  # a single marked voxel
+    data[4, 0, 0] = 500
+    path = write_nifti(tmp_path / "asym.nii.gz", data, zooms=(0.5, 0.7, 2.0))
+    volume = load_nifti(path)
+    assert NIFTI_TO_DHW == (2, 1, 0)
+    assert volume.raw.shape == (z, y, x)
+    assert volume.spacing == pytest.approx((2.0, 0.7, 0.5))  # header zooms (x, y, z) → (D, H, W)
+    out = _back_to_hu(preprocess_file(path, Preprocessing((2.0, 0.7, 0.5), (z, y, x), WIDE)))
+    assert out.shape == (4, 5, 6)
+    assert out[2, 3, 1] == pytest.approx(1000.0, abs=0.1)
+    assert out[0, 0, 4] == pytest.approx(500.0, abs=0.1)
+    assert np.count_nonzero(np.abs(out) > 1) == 2
+
+
+def test_spacing_from_metadata_resamples_the_right_axes(tmp_path):
+    data = np.zeros((6, 5, 4), dtype=np.int16)  # (x=W, y=H, z=D)
+    path = write_nifti(tmp_path / "v.nii.gz", data, zooms=(1.0, 1.0, 1.0))
+    prep = Preprocessing((1.0, 1.0, 1.0), (100, 100, 100), WIDE)
+    out = preprocess_file(path, prep, spacing=(3.0, 2.0, 1.0))  # metadata (Z, XY[0], XY[1]) = (D, H, W)
+    # resampled to (4*3, 5*2, 6*1) = (12, 10, 6) voxels of HU 0 (→ 0.0), then centre-padded with -1 to 100³
+    assert out.shape == (100, 100, 100)
+    inside = np.argwhere(np.isclose(out, 0.0))
+    assert len(inside) == 12 * 10 * 6
+    assert tuple(inside.max(axis=0) - inside.min(axis=0) + 1) == (12, 10, 6)
+    assert tuple(inside.min(axis=0)) == (44, 45, 47)  # (100-12)//2, (100-10)//2, (100-6)//2
+
+
+def test_xy_spacing_parses_ctrate_strings():
+    assert parse_xy_spacing("[0.75, 0.75]") == (0.75, 0.75)
+    assert parse_xy_spacing("[0.7578125, 0.7578125]") == (0.7578125, 0.7578125)
+    assert parse_xy_spacing("0.8") == (0.8, 0.8)
+    assert parse_xy_spacing("nan") is None and parse_xy_spacing("[0, 0.7]") is None
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 1e-3), ("int16", 2e-5)])
+def test_cache_encoding_round_trips(dtype, tolerance):
+    values = np.linspace(-1, 1, 1001, dtype=np.float32)
+    stored = encode(values, dtype)
+    assert stored.dtype == np.dtype(dtype)
+    decoded = decode(stored)
+    assert decoded.dtype == torch.float32
+    np.testing.assert_allclose(decoded.numpy(), values, atol=tolerance)

@@ -1,0 +1,74 @@
+"""The CT-RATE reader: joins volumes, reports, labels and metadata on VolumeName; set-up errors are clear."""
+
+import pandas as pd
+import pytest
+
+from core.data.ctrate import read_split
+from core.data.pathologies import PATHOLOGIES
+from core.registry import ConfigError
+from tests.data_fixtures import copy_dataset, data_config, labels, metadata, reports, shared_synthetic
+
+
+@pytest.fixture(scope="module")
+def synthetic_source(tmp_path_factory):
+    return shared_synthetic(tmp_path_factory)
+
+
+@pytest.fixture
+def dataset_copy(synthetic_source, tmp_path):
+    return copy_dataset(synthetic_source, tmp_path)
+
+
+def test_records_join_text_labels_and_metadata_by_volume_name(synthetic_source, tmp_path):
+    listing = read_split(data_config(synthetic_source, tmp_path), "train")
+    assert len(listing.records) == 10 and listing.skipped == []
+    report_rows = reports(synthetic_source).set_index("VolumeName")
+    label_rows = labels(synthetic_source).set_index("VolumeName")
+    meta_rows = metadata(synthetic_source).set_index("VolumeName")
+    for record in listing.records:
+        assert record.path.name == record.name and record.path.is_file()
+        assert record.path.parent.parent.name == record.name.rsplit("_", 2)[0]  # train/train_1/train_1_a/...
+        row = report_rows.loc[record.name]
+        assert record.text == f"{row.Findings_EN} {row.Impressions_EN}"
+        assert record.labels == tuple(float(v) for v in label_rows.loc[record.name, list(PATHOLOGIES)])
+        meta = meta_rows.loc[record.name]
+        assert (record.slope, record.intercept) == (meta.RescaleSlope, meta.RescaleIntercept)
+        xy = float(meta.XYSpacing.strip("[]").split(",")[0])
+        assert record.spacing == pytest.approx((meta.ZSpacing, xy, xy))
+
+
+def test_text_fields_are_configurable(synthetic_source, tmp_path):
+    cfg = data_config(synthetic_source, tmp_path, "data.text_fields=[Impressions_EN]")
+    record = read_split(cfg, "valid").records[0]
+    assert record.text == reports(synthetic_source, "valid").set_index("VolumeName").loc[record.name].Impressions_EN
+
+
+def test_subset_is_seeded_and_sized(synthetic_source, tmp_path):
+    names = lambda *o: [r.name for r in read_split(data_config(synthetic_source, tmp_path, *o), "train").records]  # noqa: E731
+    half = names("data.subset_fraction=0.5", "data.subset_seed=1")
+    assert len(half) == 5 and half == names("data.subset_fraction=0.5", "data.subset_seed=1")
+    assert half != names("data.subset_fraction=0.5", "data.subset_seed=2")
+    assert set(half) <= set(names())
+
+
+def test_missing_root_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.root .*nowhere.* does not exist.*ctlab data synth"):
+        read_split(data_config(tmp_path / "nowhere", tmp_path / "cache"), "train")
+
+
+def test_missing_csv_is_a_config_error(dataset_copy, tmp_path):
+    (dataset_copy / "metadata" / "train_metadata.csv").unlink()
+    with pytest.raises(ConfigError, match=r"data\.metadata_csv\.train: .*train_metadata\.csv' does not exist"):
+        read_split(data_config(dataset_copy, tmp_path / "cache"), "train")
+
+
+def test_csv_without_required_columns_names_them(dataset_copy, tmp_path):
+    path = dataset_copy / "multi_abnormality_labels" / "train_predicted_labels.csv"
+    pd.read_csv(path).drop(columns=["Cardiomegaly", "Emphysema"]).to_csv(path, index=False)
+    with pytest.raises(ConfigError, match=r"lacks the column\(s\) Cardiomegaly, Emphysema"):
+        read_split(data_config(dataset_copy, tmp_path / "cache"), "train")
+
+
+def test_unknown_split_is_a_config_error(synthetic_source, tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.volume_dirs has no entry for split 'test'"):
+        read_split(data_config(synthetic_source, tmp_path), "test")
