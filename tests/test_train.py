@@ -1,0 +1,118 @@
+"""One training run end to end on synthetic CT-RATE: MLflow contents, resume, NaN handling."""
+
+import math
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from core.cli import main
+from core.config import load_config, save_config
+from core.data import PATHOLOGIES
+from core.tracking import Tracker
+from core.train import NonFiniteLossError, run_dir_for, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("synthetic")
+    assert main(["data", "synth", "--out", str(folder / "root"), "--train", "12", "--valid", "8", "--seed", "1"]) == 0
+    return folder
+
+
+def _config(synthetic: Path, tmp_path: Path, *extra: str):
+    return load_config(None, [
+        "model.preset=tiny", "model.text_encoder=tiny-random", "model.latent_dim=32",
+        "model.encoder_args={dim: 32, patch: 8, temporal_patch: 4, heads: 2, dim_head: 16}",
+        f"data.root={synthetic / 'root'}", f"data.cache_dir={synthetic / 'cache'}", "data.target_shape=[16, 32, 32]",
+        "data.target_spacing=[15.0, 9.0, 9.0]", "train.batch_size=4", "train.lr=1e-4", "train.warmup_steps=2",
+        f"train.output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "eval.bootstrap=50", "eval.batch_size=8", *extra,
+    ])
+
+
+def test_run_logs_params_metrics_and_artifacts(synthetic, tmp_path):
+    cfg = _config(synthetic, tmp_path, "train.epochs=2", "model.loss=siglip")
+    result = train(cfg, progress=False)
+    assert result.step == 2 * (12 // 4)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.loss"] == "siglip" and run.data.params["train.epochs"] == "2"
+    assert {"git_commit", "torch_version", "cuda_version", "device", "data_fingerprint"} <= set(run.data.tags)
+    for name in ("train_loss", "lr", "logit_scale", "logit_bias", "samples_per_s", "peak_memory_mb", "data_wait_ms"):
+        assert len(client.get_metric_history(result.run_id, name)) == result.step, name
+    auroc = client.get_metric_history(result.run_id, "zeroshot_auroc")
+    assert [m.step for m in auroc] == [1, 2] and 0.0 <= auroc[-1].value <= 1.0
+    for name in ("zeroshot_auprc", "zeroshot_f1", "zeroshot_precision", "zeroshot_recall", "zeroshot_accuracy",
+                 "zeroshot_f1_fixed0.5", "zeroshot_auroc_ci_low", "zeroshot_auroc_ci_high", "retrieval_v2t_r1"):
+        assert name in run.data.metrics, name
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "zeroshot_per_label.csv", "zeroshot_predictions.csv", "roc.png", "checkpoints"} <= artifacts
+    import pandas as pd
+    from mlflow.artifacts import download_artifacts
+
+    predictions = pd.read_csv(download_artifacts(run_id=result.run_id, artifact_path="zeroshot_predictions.csv",
+                                                 tracking_uri=cfg.tracking.uri))
+    assert list(predictions.columns) == ["VolumeName", "pathology", "score", "label"]
+    assert len(predictions) == 8 * len(PATHOLOGIES)
+
+
+def test_resume_after_interrupt_reproduces_the_uninterrupted_run(synthetic, tmp_path):
+    full = train(_config(synthetic, tmp_path / "a", "train.epochs=3"), progress=False)
+
+    cfg = _config(synthetic, tmp_path / "b", "train.epochs=3", "train.checkpoint_every=1")
+    original = Tracker.log_metrics
+
+    def interrupt_at_step_4(self, metrics, step):
+        original(self, metrics, step)
+        if "train_loss" in metrics and step == 4:
+            raise KeyboardInterrupt
+
+    Tracker.log_metrics = interrupt_at_step_4
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+    finally:
+        Tracker.log_metrics = original
+    client = MlflowClient(cfg.tracking.uri)
+    [killed] = client.search_runs([client.get_experiment_by_name("ctlab").experiment_id])
+    assert killed.info.status == "KILLED"
+
+    resumed = train(cfg, resume=True, progress=False)
+    assert resumed.run_id == killed.info.run_id  # the same MLflow run continues
+    assert resumed.step == full.step == 9
+    assert len(resumed.losses) == 5  # steps 5..9, mid-epoch 2
+    assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-5, abs=1e-6)
+    assert resumed.losses == pytest.approx(full.losses[4:], rel=1e-5, abs=1e-6)
+    assert resumed.metrics["zeroshot_auroc"] == pytest.approx(full.metrics["zeroshot_auroc"], abs=1e-6)
+
+
+def test_nan_loss_fails_the_run_with_its_reason(synthetic, tmp_path):
+    cfg = _config(synthetic, tmp_path, "model.logit_scale_init=.nan")
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 0"):
+        train(cfg, progress=False)
+    client = MlflowClient(cfg.tracking.uri)
+    [run] = client.search_runs([client.get_experiment_by_name("ctlab").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "NonFiniteLossError: loss is nan" in run.data.tags["failure_reason"]
+
+
+def test_resume_without_checkpoint_starts_fresh(synthetic, tmp_path):
+    cfg = _config(synthetic, tmp_path, "train.max_steps=1")
+    assert not (run_dir_for(cfg) / "checkpoints" / "last.pt").exists()
+    result = train(cfg, resume=True, progress=False)
+    assert result.step == 1 and math.isfinite(result.final_loss)
+    assert (run_dir_for(cfg) / "checkpoints" / "last.pt").exists()
+
+
+def test_eval_command_reproduces_the_runs_final_metrics(synthetic, tmp_path, capsys):
+    cfg = _config(synthetic, tmp_path, "train.max_steps=2")
+    result = train(cfg, progress=False)
+    path = save_config(cfg, tmp_path / "resolved.yaml")
+    assert main(["eval", str(path), "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  "))
+    assert float(printed["zeroshot_auroc"]) == pytest.approx(result.metrics["zeroshot_auroc"], abs=1e-4)
+    assert (tmp_path / "eval" / "zeroshot_per_label.csv").is_file()
