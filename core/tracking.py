@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import platform
 import subprocess
 import tempfile
@@ -25,24 +24,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
 from core.config import Config, config_to_dict, flatten, save_config
+from core.stores import artifact_root, resolve_uri
 
 log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 _BATCH = 500
-
-
-def resolve_uri(uri: str | None) -> str:
-    """The tracking URI to use: ``MLFLOW_TRACKING_URI`` if set, else ``uri``, else the SQLite default."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or uri or "sqlite:///mlflow.db"
-
-
-def artifact_root(uri: str) -> str | None:
-    """For a SQLite or file store, the ``mlartifacts/`` folder beside it; None lets the server decide."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-    if "://" not in uri:
-        return (Path(uri).resolve() / "mlartifacts").as_uri()
-    return None
 
 
 def get_client(uri: str | None) -> MlflowClient:

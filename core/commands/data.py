@@ -79,7 +79,8 @@ def _add_data_config_arguments(parser: argparse.ArgumentParser) -> None:
                         "(e.g. experiments/configs/synthetic-tiny.yaml; default: CT-CLIP's preprocessing)")
     parser.add_argument("--root", help="CT-RATE dataset folder (train/, valid/, radiology_text_reports/, ...)")
     parser.add_argument("--cache", help="cache folder (data.cache_dir)")
-    parser.add_argument("--splits", nargs="+", default=["train", "valid"], help="splits (default: train valid)")
+    parser.add_argument("--splits", type=lambda text: [s for s in text.split(",") if s], default=["train", "valid"],
+                        help="comma-separated splits (default: train,valid)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, e.g. data.target_shape=[32,64,64] data.cache_dtype=int16")
 

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from core.tracking import resolve_uri
+from core.stores import resolve_uri
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from core.registry import ConfigError
-from core.tracking import artifact_root, get_client, resolve_uri
+from core.stores import artifact_root, resolve_uri
 
 
 def ui_command(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
@@ -24,6 +24,7 @@ def ui_command(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
 def screenshot(uri: str, experiment: str, path: Path, port: int) -> str:
     """Start the UI, render the experiment's runs table headlessly to ``path``, stop the UI; returns the page text."""
     from analysis.ui_snapshot import render_runs_page, wait_for_http
+    from core.tracking import get_client
 
     found = get_client(uri).get_experiment_by_name(experiment)
     if found is None:
