@@ -196,7 +196,7 @@ def to_markdown(frame: pd.DataFrame, columns: Sequence[str]) -> str:
     columns = [c for c in columns if c in frame.columns]
 
     def cell(value: Any, fmt: str) -> str:
-        if value is None or (not isinstance(value, str) and pd.isna(value)):
+        if value is None or (pd.api.types.is_scalar(value) and not isinstance(value, str) and pd.isna(value)):
             return ""
         return fmt.format(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 

@@ -143,7 +143,7 @@ class EvalConfig:
 class TrackingConfig:
     """Where runs are logged (MLflow) and under which experiment."""
 
-    uri: str = "sqlite:///mlflow.db"
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db
     experiment: str = "ctlab"
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)

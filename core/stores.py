@@ -7,8 +7,8 @@ from pathlib import Path
 
 
 def resolve_uri(uri: str | None) -> str:
-    """The tracking URI to use: ``MLFLOW_TRACKING_URI`` if set, else ``uri``, else the SQLite default."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or uri or "sqlite:///mlflow.db"
+    """The tracking URI to use: ``uri`` (a flag or the config) if given, else ``MLFLOW_TRACKING_URI``, else SQLite."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 def artifact_root(uri: str) -> str | None:

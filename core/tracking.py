@@ -3,7 +3,7 @@
 The default store is a local SQLite file (``sqlite:///mlflow.db``) with
 artifacts in ``mlartifacts/`` beside it, so ``mlflow ui`` needs no server; a
 PostgreSQL URI works the same for several machines. ``MLFLOW_TRACKING_URI``
-overrides the config's URI. Names of params, tags, metrics and artifacts are
+overrides the default (never an explicit config value or flag). Names of params, tags, metrics and artifacts are
 listed in docs/contracts.md.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from core.commands._common import add_config_arguments, config_from_args
+from core.stores import resolve_uri
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
         shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("zeroshot_") and "_ci_" not in k}
         print(f"run {result.run_id} FINISHED after {result.step} steps; final loss {result.final_loss:.4f}")
         print(f"zero-shot: {shown}")
-        print(f"checkpoints: {result.run_dir}/checkpoints   browse: ctlab ui --tracking-uri {cfg.tracking.uri}")
+        print(f"checkpoints: {result.run_dir}/checkpoints")
+        print(f"browse: ctlab ui --tracking-uri {resolve_uri(cfg.tracking.uri)}")
     return 0
 
 
