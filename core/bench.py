@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -32,6 +32,7 @@ from core.config import Config, config_id, config_to_dict, flatten
 from core.data.pathologies import PATHOLOGIES
 from core.encoders import create_encoder
 from core.encoders.base import AXES, resolve_axes
+from core.layers.attention import set_sdpa_backend
 from core.model import build_model, count_parameters
 from core.optim import create_optimizer
 from core.registry import ConfigError
@@ -72,8 +73,9 @@ class BenchSubject:
     """One config ready to benchmark: its model, AdamW, a fixed random batch and the recorded times."""
 
     def __init__(self, cfg: Config, batch_size: int, device: torch.device) -> None:
-        self.cfg, self.batch_size, self.device = cfg, batch_size, device
+        self.cfg, self.device = cfg, device
         self.model = build_model(cfg)
+        set_sdpa_backend(self.model.image_encoder, cfg.model.sdpa_backend)
         if cfg.model.adaptation != "full":
             from core.lora import apply_adaptation
 
@@ -86,10 +88,17 @@ class BenchSubject:
         dtype = _DTYPES.get(train.precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
         self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
-        generator = torch.Generator().manual_seed(train.seed)
-        self.volumes = (torch.rand(batch_size, 1, *cfg.data.target_shape, generator=generator) * 2 - 1).to(device)
-        tokens = self.model.tokenize(random_texts(batch_size, train.seed))
-        self.tokens = {name: t.to(device) for name, t in tokens.items()}
+        self.set_batch(batch_size)
+
+    def set_batch(self, batch_size: int) -> None:
+        """Use a fresh fixed random batch of ``batch_size`` volumes and texts; recorded times start over."""
+        self.batch_size = batch_size
+        self.volumes = self.tokens = None  # the old batch is freed before the new one is allocated
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        shape = (batch_size, 1, *self.cfg.data.target_shape)
+        self.volumes = torch.rand(shape, generator=generator).mul_(2).sub_(1).to(self.device)
+        tokens = self.model.tokenize(random_texts(batch_size, self.cfg.train.seed))
+        self.tokens = {name: t.to(self.device) for name, t in tokens.items()}
         self.times: dict[str, list[float]] = {name: [] for name in TIMES}
 
     def visual_forward_backward(self) -> tuple[float, float]:
@@ -102,17 +111,21 @@ class BenchSubject:
         self.optimizer.zero_grad(set_to_none=True)
         return fwd_ms, bwd_ms
 
-    def train_step(self) -> None:
-        """One full training step on the fixed batch."""
+    def train_step(self, volumes: torch.Tensor | None = None,
+                   tokens: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One full training step on ``volumes`` and ``tokens`` (default: the fixed batch); returns the loss."""
+        volumes = self.volumes if volumes is None else volumes
+        tokens = self.tokens if tokens is None else tokens
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            loss = self.model(self.volumes, **self.tokens)["loss"]
+            loss = self.model(volumes, **tokens)["loss"]
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        return loss.detach()
 
     def repeat(self, record: bool = True) -> None:
         """One repeat: visual forward, visual backward, training step; their times kept when ``record``."""
@@ -152,6 +165,7 @@ class BenchSubject:
             "gflops": encoder_gflops(self.cfg),
             "peak_memory_mb": peak_bytes / 2**20, "memory_measure": MEMORY_MEASURE[self.device.type],
             **medians,
+            "step_ms_min": min(self.times["step_ms"]), "step_ms_max": max(self.times["step_ms"]),
             "samples_per_s": self.batch_size / (medians["step_ms"] / 1e3),
             "repeats": len(self.times["step_ms"]), "warmup": warmup,
             "config_id": config_id(self.cfg), "config": flatten(config_to_dict(self.cfg)),
@@ -166,6 +180,13 @@ def ratios(result: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, 
         "visual_fwd_ratio": result["visual_fwd_ms"] / baseline["visual_fwd_ms"],
         "visual_bwd_ratio": result["visual_bwd_ms"] / baseline["visual_bwd_ms"],
     }
+
+
+def paired_speedups(subject_ms: Sequence[float], baseline_ms: Sequence[float]) -> dict[str, float]:
+    """The spread of the step speed-up: min and max over repeats of baseline / subject, each repeat's pair
+    measured back to back (repeats alternate across configs), so a noisy moment of the machine hits both."""
+    pairs = [b / s for s, b in zip(subject_ms, baseline_ms, strict=True)]
+    return {"step_speedup_min": min(pairs), "step_speedup_max": max(pairs)}
 
 
 def compare(
@@ -222,10 +243,12 @@ def compare(
                 subject.repeat()
                 bar.update()
     results = {label: s.result(label, peaks[label], warmup) for label, s in subjects.items()}
+    base_ms = subjects[baseline].times["step_ms"]
     return {
         "baseline": baseline,
         "results": results,
-        "ratios": {label: ratios(r, results[baseline]) for label, r in results.items()},
+        "ratios": {label: {**ratios(r, results[baseline]), **paired_speedups(subjects[label].times["step_ms"], base_ms)}
+                   for label, r in results.items()},
         "skipped": skipped,
     }
 

@@ -21,8 +21,10 @@ what was allocated before it:
 from __future__ import annotations
 
 import os
+import platform
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +47,21 @@ def bench_device(device: str | torch.device) -> torch.device:
     if device.type not in MEMORY_MEASURE:
         raise ConfigError(f"bench device '{device}': only cpu and cuda can be measured; use --device cpu or cuda")
     return device
+
+
+def device_name(device: str | torch.device) -> str:
+    """What the bench ran on, in words: the GPU's name and memory, or the CPU's model name and core count."""
+    device = bench_device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {torch.get_num_threads()} torch threads"
 
 
 def count_flops(module: nn.Module, *inputs: Any) -> int:

@@ -67,7 +67,8 @@ def paper_reference(encoder: str, preset: str | None) -> tuple[str, float, float
     return (" ".join(k for k in key if k != "-"), *PAPER_ENCODER_TABLE[key])
 
 
-def _base_overrides(encoder: str, preset: str | None, shape: Sequence[int], text_encoder: str) -> list[str]:
+def base_overrides(encoder: str, preset: str | None, shape: Sequence[int], text_encoder: str) -> list[str]:
+    """Dotted overrides naming an encoder, its preset, the input shape and the text encoder."""
     return [f"model.encoder={encoder}", *([f"model.preset={preset}"] if preset else []),
             f"data.target_shape=[{', '.join(map(str, shape))}]", f"model.text_encoder={text_encoder}"]
 
@@ -82,7 +83,7 @@ def zoo_configs(
     """Configs for every combination of the axes ``encoder`` takes, labelled ``attention+norm+mlp``,
     and the combinations that cannot run here with the reason (``flash`` without flash-attn or CUDA)."""
     axes = list(encoder_axes(encoder))
-    base = _base_overrides(encoder, preset, shape, text_encoder)
+    base = base_overrides(encoder, preset, shape, text_encoder)
     flash_reason = flash_unavailable_reason()
     configs: dict[str, Config] = {}
     skipped: dict[str, str] = {}
@@ -110,7 +111,7 @@ def encoder_configs(
     for encoder in ENCODERS.names():
         reason = ""
         for candidate in (preset, None):
-            cfg = load_config(None, [*_base_overrides(encoder, candidate, shape, text_encoder), f"name={encoder}",
+            cfg = load_config(None, [*base_overrides(encoder, candidate, shape, text_encoder), f"name={encoder}",
                                      *overrides])
             try:
                 with torch.device("meta"):
@@ -155,10 +156,31 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "visual_bwd_ms": ("bwd ms", "{:.1f}"),
     "fwd_bwd_ms": ("fwd+bwd ms", "{:.1f}"),
     "step_ms": ("step ms", "{:.1f}"),
+    "step_ms_min": ("step ms min", "{:.1f}"),
+    "step_ms_max": ("step ms max", "{:.1f}"),
     "samples_per_s": ("samples/s", "{:.2f}"),
     "peak_memory_mb": ("peak MB", "{:.1f}"),
     "memory_ratio": ("memory ratio", "{:.3f}"),
     "step_speedup": ("step speed-up", "{:.3f}×"),
+    "step_speedup_min": ("speed-up min", "{:.2f}×"),
+    "step_speedup_max": ("speed-up max", "{:.2f}×"),
+    "memory_vs_modern": ("memory vs modern", "{:.3f}"),
+    "speedup_vs_modern": ("speed-up vs modern", "{:.3f}×"),
+    "pays": ("pays", "{}"),
+    "precision": ("precision", "{}"),
+    "max_batch": ("largest batch", "{}"),
+    "throughput_ratio": ("samples/s ratio", "{:.2f}×"),
+    "num_workers": ("workers", "{}"),
+    "pin_memory": ("pinned", "{}"),
+    "persistent_workers": ("persistent", "{}"),
+    "prefetch_factor": ("prefetch", "{:.0f}"),
+    "data_wait_ms": ("data wait ms", "{:.1f}"),
+    "data_wait_ms_max": ("data wait ms max", "{:.1f}"),
+    "wait_fraction": ("wait fraction", "{:.3f}"),
+    "volume_mb": ("input MB", "{:.1f}"),
+    "fwd_ms": ("fwd ms", "{:.1f}"),
+    "bwd_ms": ("bwd ms", "{:.1f}"),
+    "saved_mb": ("kept for backward MB", "{:.1f}"),
     "visual_fwd_ratio": ("fwd ratio", "{:.3f}"),
     "visual_bwd_ratio": ("bwd ratio", "{:.3f}"),
     "paper": ("paper row", "{}"),

@@ -60,6 +60,7 @@ class ModelConfig:
     lora_image_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
     lora_text_targets: list[str] = field(default_factory=lambda: ["query", "key", "value"])
     grad_checkpointing: bool = False
+    sdpa_backend: Literal["auto", "flash", "efficient", "math", "cudnn"] = "auto"  # sdpa attention only
 
 
 @dataclass
@@ -360,7 +361,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # Keys that change where or how a run is logged or fed, never what it computes.
 NON_SEMANTIC_KEYS = ("name", "tracking.", "train.output_dir", "train.log_every", "train.checkpoint_every",
                       "data.root", "data.cache_dir", "data.num_workers", "data.pin_memory", "data.prefetch_factor",
-                      "data.persistent_workers", "train.device", "eval.every_epoch")
+                      "data.persistent_workers", "train.device", "eval.every_epoch", "model.sdpa_backend")
 
 
 def config_id(cfg: Config, length: int = 12) -> str:

@@ -208,3 +208,87 @@ def test_bench_data_prints_the_pipeline_figures(tmp_path_factory, tmp_path, caps
     assert "cached_volumes_per_s" in capsys.readouterr().out
     figures = pd.read_csv(tmp_path / "data-train.csv").set_index("metric")["value"]
     assert int(figures["volumes"]) == 3 and float(figures["cached_volumes_per_s"]) > 0
+
+
+def _data_overrides(root, cache):
+    return [f"data.root={root}", f"data.cache_dir={cache}", f"data.target_shape={list(SHAPE)}",
+            f"data.target_spacing={list(SPACING)}", "train.batch_size=2"]
+
+
+def test_bench_train_applies_the_candidate_toggles_and_tracks_both(tiny_overrides, tmp_path):
+    base = save_config(_cfg(tiny_overrides, "model.attention=standard", "name=sa"), tmp_path / "sa.yaml")
+    new = save_config(_cfg(tiny_overrides, "model.mlp=swiglu", "model.norm=rmsnorm", "name=modern"),
+                      tmp_path / "modern.yaml")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rc = main(["bench", "train", str(new), "--vs", str(base), "--precision", "bf16", "--grad-checkpointing",
+               "--candidate", "model.encoder_args.patch_embed=conv", "--repeats", "2", "--warmup", "1",
+               "--device", "cpu", "--no-progress", "--out", str(tmp_path), "--track",
+               "--tracking-uri", uri])
+    assert rc == 0
+    frame = pd.read_csv(tmp_path / "train-modern-vs-sa.csv").set_index("label")
+    assert frame.loc["modern", "precision"] == "bf16" and frame.loc["sa", "precision"] == "fp32"
+    assert frame.loc["modern", "step_speedup_min"] <= frame.loc["modern", "step_speedup"]
+    assert frame.loc["modern", "step_speedup"] <= frame.loc["modern", "step_speedup_max"]
+    assert frame.loc["modern", "samples_per_s"] == pytest.approx(2 / (frame.loc["modern", "step_ms"] / 1e3))
+    runs = find_runs(uri, "tags.`ctlab.kind` = 'efficiency'", experiment="efficiency")
+    params = {r.data.tags["cell_label"]: r.data.params for r in runs}
+    assert set(params) == {"sa", "modern"}
+    assert params["modern"]["config.model.grad_checkpointing"] == "True"
+    assert params["modern"]["config.train.precision"] == "bf16"
+    assert params["sa"]["config.model.grad_checkpointing"] == "False"
+
+
+def test_data_wait_times_real_steps_from_the_cached_loader(tiny_overrides, tmp_path_factory, tmp_path):
+    from core.perf_data import data_wait
+
+    root = shared_synthetic(tmp_path_factory)
+    cfg = _cfg(tiny_overrides, *_data_overrides(root, tmp_path / "cache"), "name=tiny")
+    rows = data_wait(cfg, workers=(0, 1), steps=6, warmup=1, device="cpu", progress=False)
+    assert [r["num_workers"] for r in rows] == [0, 1]
+    assert [r["persistent_workers"] for r in rows] == [False, True]
+    for row in rows:
+        assert row["steps_per_epoch"] == 5 and row["steps"] == 6  # an epoch start falls inside the timed steps
+        assert 0 < row["wait_fraction"] < 1
+        assert 0 < row["data_wait_ms"] <= row["data_wait_ms_max"]
+        assert row["data_wait_ms"] < row["step_ms"]
+        assert row["samples_per_s"] > 0
+
+
+def test_data_wait_rejects_a_batch_larger_than_the_split(tiny_overrides, tmp_path_factory, tmp_path):
+    from core.perf_data import data_wait
+
+    root = shared_synthetic(tmp_path_factory)
+    cfg = _cfg(tiny_overrides, *_data_overrides(root, tmp_path / "cache"), "train.batch_size=64")
+    with pytest.raises(ConfigError, match="fewer than one batch of train.batch_size=64"):
+        data_wait(cfg, workers=(0,), steps=1, device="cpu", progress=False)
+
+
+@pytest.mark.slow
+def test_bench_train_data_writes_the_wait_fraction_per_setting(tiny_overrides, tmp_path_factory, tmp_path):
+    root = shared_synthetic(tmp_path_factory)
+    data = _data_overrides(root, tmp_path / "cache")
+    base = save_config(_cfg(tiny_overrides, *data, "model.attention=standard", "name=sa"), tmp_path / "sa.yaml")
+    new = save_config(_cfg(tiny_overrides, *data, "name=modern"), tmp_path / "modern.yaml")
+    rc = main(["bench", "train", str(new), "--vs", str(base), "--data", "--workers", "0", "1", "--data-steps", "3",
+               "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    frame = pd.read_csv(tmp_path / "train-modern-vs-sa-data.csv")
+    assert list(zip(frame["label"], frame["num_workers"], strict=True)) == [("sa", 0), ("sa", 1), ("modern", 0),
+                                                                             ("modern", 1)]
+    assert frame["wait_fraction"].between(0, 1).all()
+    assert "wait fraction" in (tmp_path / "train-modern-vs-sa-data.md").read_text()
+
+
+def test_bench_options_reads_each_option_against_the_modern_row(tmp_path, capsys):
+    rc = main(["bench", "options", "--shape", "16", "32", "32", "--options", "conv-patch", "--batch", "1",
+               "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path),
+               "--override", "model.latent_dim=32"])
+    assert rc == 0
+    assert "pays" in capsys.readouterr().out
+    frame = pd.read_csv(tmp_path / "options-ctvit-tiny-16x32x32-fp32-cpu.csv").set_index("label")
+    assert list(frame.index) == ["SA+GELU+LN", "SDPA+SwiGLU+RMS", "SDPA+SwiGLU+RMS +conv-patch"]
+    row, modern = frame.loc["SDPA+SwiGLU+RMS +conv-patch"], frame.loc["SDPA+SwiGLU+RMS"]
+    assert row["memory_vs_modern"] == pytest.approx(row["peak_memory_mb"] / modern["peak_memory_mb"])
+    assert row["speedup_vs_modern"] == pytest.approx(modern["step_ms"] / row["step_ms"])
+    assert row["pays"] in {"no", "memory", "speed", "memory + speed"}
+    assert pd.isna(modern["pays"])

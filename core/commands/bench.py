@@ -1,9 +1,11 @@
 """``ctlab bench``: efficiency tables — the component zoo (default), one config or a matrix, two configs
-side by side, the data pipeline, and every image encoder."""
+side by side (and whether their training waits on data), the performance options, the data pipeline, and
+every image encoder."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -11,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from core.bench import compare
+from core.bench_probe import bench_device, device_name
 from core.bench_tables import (
     PAPER_INPUT_SHAPE,
+    base_overrides,
     encoder_configs,
     encoder_size,
     paper_reference,
@@ -26,11 +31,14 @@ from core.bench_tables import (
 )
 from core.config import Config, apply_overrides, config_from_dict, config_to_dict, flatten, load_config
 from core.encoders import encoder_axes
+from core.perf import BASELINE, OPTIONS, against_modern, max_batch_table, option_configs
 from core.registry import ConfigError
 
 FIGURES = ["image_params_m", "params_m", "gflops", "visual_fwd_ms", "visual_bwd_ms", "fwd_bwd_ms", "step_ms",
            "peak_memory_mb"]
 RATIOS = ["memory_ratio", "step_speedup", "visual_fwd_ratio", "visual_bwd_ratio"]
+DATA_COLUMNS = ["label", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "data_wait_ms",
+                "data_wait_ms_max", "step_ms", "wait_fraction", "samples_per_s"]
 
 
 def _timing_options(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +47,8 @@ def _timing_options(parser: argparse.ArgumentParser) -> None:
                         help="timed repeats per config; the median is kept (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repeats first (default: 2)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: torch's); 1 keeps timings steady on a shared machine")
     parser.add_argument("--out", default="reports/bench", help="folder for the .md and .csv (default: reports/bench)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
@@ -95,7 +105,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "writes OUT/train-<config>-vs-<baseline>.md and .csv.")
     _items_options(train, "a config YAML, then dotted overrides applied to both configs")
     train.add_argument("--vs", required=True, metavar="BASELINE", help="the baseline config YAML")
+    train.add_argument("--candidate", action="append", default=[], metavar="KEY=VALUE",
+                       help="override applied to CONFIG only, e.g. model.encoder_args.patch_embed=conv (repeatable)")
+    train.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="train CONFIG in this precision")
+    train.add_argument("--compile", action="store_true", help="torch.compile CONFIG's image encoder")
+    train.add_argument("--grad-checkpointing", action="store_true", help="recompute CONFIG's activations in backward")
+    train.add_argument("--data", action="store_true",
+                       help="also train both from the real cached DataLoader and report the fraction of step time "
+                            "spent waiting on data, per --workers setting (OUT/train-...-data.md)")
+    train.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                       help="data.num_workers settings for --data (default: 0 2)")
+    train.add_argument("--data-steps", type=int, default=12,
+                       help="timed training steps per setting for --data, after 2 untimed ones (default: 12)")
+    train.add_argument("--track", action="store_true",
+                       help="also log one run per config to the MLflow experiment 'efficiency'")
+    train.add_argument("--tracking-uri", help="MLflow tracking URI for --track (default: sqlite:///mlflow.db)")
     train.set_defaults(func=run_train)
+
+    options = tables.add_parser(
+        "options", help="baseline vs modern vs each performance option on top (bf16, grad-ckpt, conv-patch, ...)",
+        description="SA+GELU+LN, SDPA+SwiGLU+RMS, then SDPA+SwiGLU+RMS with each --options entry and with all of "
+                    "them, side by side; says which option pays (memory or speed, read against the modern row). "
+                    "With --max-batch (CUDA), also each config alone at the largest batch that fits.")
+    options.add_argument("--encoder", default="ctvit", help="image encoder (default: ctvit)")
+    _shape_options(options, "tiny")
+    _timing_options(options)
+    options.add_argument("--options", nargs="+", default=["bf16", "grad-ckpt", "conv-patch"], metavar="OPTION",
+                         help=f"options to measure, from: {', '.join(OPTIONS)} (default: bf16 grad-ckpt conv-patch)")
+    options.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                         help="precision of the baseline and modern rows (default: fp32; the seed trained fp16)")
+    options.add_argument("--extra-baseline", nargs="*", default=[], choices=["fp32", "bf16", "fp16"],
+                         metavar="PRECISION", help="also the baseline at these precisions (e.g. fp32)")
+    options.add_argument("--max-batch", type=int, default=0, metavar="LIMIT",
+                         help="CUDA: also find each config's largest batch up to LIMIT and measure it there")
+    options.add_argument("--max-batch-rows", nargs="*", metavar="LABEL",
+                         help="rows for --max-batch (default: all rows); e.g. 'SA+GELU+LN' 'SDPA+SwiGLU+RMS +all'")
+    options.add_argument("--max-batch-only", action="store_true",
+                         help="with --max-batch: skip the side-by-side table, measure only each row's largest batch")
+    options.add_argument("--name", help="report file name without extension (default: derived from the settings)")
+    options.set_defaults(func=run_options)
+
+    patch = tables.add_parser(
+        "patch-embed", help="CT-ViT's patch embedding alone: linear vs conv, time and memory, per precision",
+        description="Forward/backward ms, peak memory and bytes kept for backward of CT-ViT's patch embedding, "
+                    "patch_embed linear vs conv; cheap enough for CT-CLIP's full 240 x 480 x 480 on a CPU.")
+    patch.add_argument("--preset", default="ctclip", help="CT-ViT preset (default: ctclip)")
+    patch.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), default=[240, 480, 480],
+                       help="input volume (default: 240 480 480)")
+    patch.add_argument("--norm", default="layernorm", help="the pre-norm folded by conv (default: layernorm)")
+    patch.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
+                       help="autocast precisions (default: fp32 bf16)")
+    _timing_options(patch)
+    patch.set_defaults(func=run_patch_embed)
 
     data = tables.add_parser("data", help="the data pipeline's throughput (core.data.bench)",
                              description="Read N items of a split through the data pipeline and report its speed.")
@@ -132,6 +193,9 @@ def _file_name(*parts: str) -> str:
 
 
 def _timing(args: argparse.Namespace) -> dict[str, Any]:
+    """compare()'s keyword arguments from the timing options (and the thread count set for torch)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return {"batch_size": args.batch, "repeats": args.repeats, "warmup": args.warmup, "device": args.device,
             "progress": args.progress}
 
@@ -200,34 +264,135 @@ def run_model(args: argparse.Namespace) -> int:
         configs, skipped, baseline, name = {cfg.name: cfg}, {}, cfg.name, _file_name("model", cfg.name)
     comparison = compare(configs, baseline, **_timing(args))
     if args.track:
-        from core.bench import bench_to_mlflow_rows
-        from core.tracking import log_efficiency_runs
-
-        matrix = matrix_name if args.matrix else None
-        ids = log_efficiency_runs(bench_to_mlflow_rows(comparison, matrix=matrix), args.tracking_uri)
-        print(f"logged {len(ids)} efficiency run(s) to MLflow experiment 'efficiency'")
+        _track(comparison, args.tracking_uri, matrix_name if args.matrix else None)
     frame = results_frame(comparison, skipped)
     columns = ["label", "encoder", "preset", "attention", "norm", "mlp", "input_shape", "trainable_m", *FIGURES,
                "samples_per_s", *(RATIOS if len(configs) > 1 else []), "status"]
     return _report(frame, columns, args, name, run_notes(comparison))
 
 
+def _candidate_overrides(args: argparse.Namespace) -> list[str]:
+    """``bench train``'s toggles for the candidate as dotted overrides."""
+    toggles = list(args.candidate)
+    if args.precision:
+        toggles.append(f"train.precision={args.precision}")
+    if args.compile:
+        toggles.append("train.compile=true")
+    if args.grad_checkpointing:
+        toggles.append("model.grad_checkpointing=true")
+    return toggles
+
+
+def _track(comparison: dict[str, Any], uri: str | None, matrix: str | None = None) -> None:
+    from core.bench import bench_to_mlflow_rows
+    from core.tracking import log_efficiency_runs
+
+    ids = log_efficiency_runs(bench_to_mlflow_rows(comparison, matrix=matrix), uri)
+    print(f"logged {len(ids)} efficiency run(s) to MLflow experiment 'efficiency'")
+
+
 def run_train(args: argparse.Namespace) -> int:
-    """CONFIG against --vs BASELINE: peak memory ratio, step speed-up, samples/s."""
+    """CONFIG against --vs BASELINE: peak memory ratio, step speed-up, samples/s; with --data, the share of
+    step time each spends waiting on the real DataLoader."""
     path, overrides = _split_items(args.items)
     if path is None:
         raise ConfigError("ctlab bench train needs a config YAML and --vs BASELINE_YAML")
-    cfg, base = load_config(path, overrides), load_config(args.vs, overrides)
+    cfg, base = load_config(path, [*overrides, *_candidate_overrides(args)]), load_config(args.vs, overrides)
     label, base_label = cfg.name, base.name
     if label == base_label:
         label, base_label = Path(path).stem, Path(args.vs).stem
     if label == base_label:
         base_label = f"{base_label} (baseline)"
+    cfg, base = (dataclasses.replace(c, name=n) for c, n in ((cfg, label), (base, base_label)))
     comparison = compare({base_label: base, label: cfg}, base_label, **_timing(args))
+    if args.track:
+        _track(comparison, args.tracking_uri)
     frame = results_frame(comparison)
-    columns = ["label", "peak_memory_mb", "memory_ratio", "step_ms", "step_speedup", "samples_per_s",
-               "visual_fwd_ms", "visual_fwd_ratio", "visual_bwd_ms", "visual_bwd_ratio", "params_m", "status"]
-    return _report(frame, columns, args, _file_name("train", label, "vs", base_label), run_notes(comparison))
+    columns = ["label", "precision", "peak_memory_mb", "memory_ratio", "step_ms", "step_ms_min", "step_ms_max",
+               "step_speedup", "step_speedup_min", "step_speedup_max", "samples_per_s", "visual_fwd_ms",
+               "visual_fwd_ratio", "visual_bwd_ms", "visual_bwd_ratio", "params_m", "status"]
+    name = _file_name("train", label, "vs", base_label)
+    notes = run_notes(comparison, [f"device name: {device_name(args.device)}"])
+    code = _report(frame, columns, args, name, notes)
+    if args.data:
+        from core.perf_data import data_wait
+
+        rows = [row for c in (base, cfg) for row in data_wait(c, args.workers, args.data_steps,
+                                                                   device=args.device, progress=args.progress)]
+        first = rows[0]
+        data_notes = [f"# waiting on data: {label} vs {base_label}",
+                      f"device {first['device']} ({device_name(args.device)}), batch {first['batch_size']}, input "
+                      f"{first['input_shape']}, {first['steps']} timed training steps per setting after "
+                      f"{first['warmup']} untimed, {first['steps_per_epoch']} steps per epoch (epoch starts "
+                      "included); wait = time in the DataLoader's next(), step = from that request to the loss "
+                      "read back; wait_fraction = total wait / total step time"]
+        code = code or _report(pd.DataFrame(rows), DATA_COLUMNS, args, f"{name}-data", data_notes)
+    return code
+
+
+def run_options(args: argparse.Namespace) -> int:
+    """Baseline, modern, and the modern configuration with each performance option, side by side."""
+    base = base_overrides(args.encoder, args.preset, args.shape, args.text_encoder) + list(args.override)
+    configs = option_configs(base, args.options, args.precision, args.extra_baseline)
+    timing = _timing(args)
+    shape = "x".join(map(str, args.shape))
+    where = device_name(args.device)
+    name = args.name or _file_name("options", args.encoder, args.preset or "default", shape, args.precision,
+                                   bench_device(args.device).type)
+    if args.max_batch_only and not args.max_batch:
+        raise ConfigError("--max-batch-only needs --max-batch LIMIT")
+    code = 0
+    if not args.max_batch_only:
+        comparison = compare(configs, BASELINE, **timing)
+        frame = results_frame(comparison)
+        verdicts = against_modern(comparison)
+        for key in ("memory_vs_modern", "speedup_vs_modern", "pays"):
+            frame[key] = frame["label"].map(lambda label, k=key: verdicts.get(label, {}).get(k))
+        notes = [f"# {args.encoder} ({args.preset}) at {shape}: performance options on {where}",
+                 *run_notes(comparison, [f"options: {', '.join(f'{k} = {OPTIONS[k]}' for k in args.options)}; "
+                                         "memory_vs_modern / speedup_vs_modern read each option against the modern "
+                                         "row; pays = cuts peak memory or step time there by more than 3 %"])]
+        columns = ["label", "precision", "peak_memory_mb", "memory_ratio", "step_ms", "step_ms_min", "step_ms_max",
+                   "step_speedup", "step_speedup_min", "step_speedup_max", "samples_per_s", "visual_fwd_ms",
+                   "visual_bwd_ms", "memory_vs_modern", "speedup_vs_modern", "pays", "status"]
+        code = _report(frame, columns, args, name, notes)
+    if args.max_batch:
+        unknown = [label for label in args.max_batch_rows or () if label not in configs]
+        if unknown:
+            raise ConfigError(f"--max-batch-rows: no row {', '.join(map(repr, unknown))}; rows: "
+                              f"{', '.join(map(repr, configs))}")
+        chosen = {label: cfg for label, cfg in configs.items()
+                  if not args.max_batch_rows or label in args.max_batch_rows}
+        rows = max_batch_table(chosen, BASELINE, args.max_batch, repeats=args.repeats, warmup=args.warmup,
+                               device=args.device, progress=args.progress)
+        table = pd.DataFrame(list(rows.values()))
+        batch_notes = [f"# {args.encoder} ({args.preset}) at {shape}: each config at its largest batch on {where}",
+                       f"largest batch <= {args.max_batch} (doubling, then bisecting to 1/16); each config alone on "
+                       f"the device; step = median of {args.repeats} full training steps after {args.warmup} "
+                       f"warm-up; throughput_ratio = samples/s over {BASELINE}'s at its own largest batch"]
+        code = code or _report(table, ["label", "max_batch", "peak_memory_mb", "step_ms", "samples_per_s",
+                                       "throughput_ratio", "status"], args, f"{name}-max-batch", batch_notes)
+    return code
+
+
+def run_patch_embed(args: argparse.Namespace) -> int:
+    """CT-ViT's patch embedding alone, linear vs conv."""
+    from core.perf import patch_embed_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = [*base_overrides("ctvit", args.preset, args.shape, "tiny-random"), f"model.norm={args.norm}",
+            "model.encoder_args.pool=mean"]
+    frame = pd.DataFrame(patch_embed_table(base, args.precisions, args.batch, args.repeats, args.device))
+    shape = "x".join(map(str, args.shape))
+    notes = [f"# CT-ViT ({args.preset}) patch embedding at {shape}, batch {args.batch}, {args.norm} pre-norm, "
+             f"on {device_name(args.device)}",
+             f"median of {args.repeats} repeats after one warm-up; peak = tensor bytes allocated and alive at once "
+             "over forward + backward beyond the input; kept = bytes saved for backward (input volume not counted); "
+             "volume = one fp32 input batch"]
+    columns = ["label", "volume_mb", "fwd_ms", "bwd_ms", "peak_memory_mb", "saved_mb"]
+    return _report(frame, columns, args, _file_name("patch-embed", args.preset, shape, bench_device(args.device).type),
+                   notes)
 
 
 def run_data(args: argparse.Namespace) -> int:

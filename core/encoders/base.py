@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from core.config import ModelConfig, _build
+from core.layers.attention import set_sdpa_backend
 from core.registry import ENCODERS, ConfigError, closest
 
 AXES = ("attention", "norm", "mlp")
@@ -75,6 +76,7 @@ def create_encoder(cfg: ModelConfig, input_shape: tuple[int, int, int]) -> nn.Mo
     builder = ENCODERS.get(cfg.encoder)
     resolve_axes(cfg)
     encoder = builder(cfg, tuple(input_shape))
+    set_sdpa_backend(encoder, cfg.sdpa_backend)  # every encoder's sdpa layers, whatever builds them
     if not isinstance(getattr(encoder, "out_dim", None), int):
         raise TypeError(f"encoder '{cfg.encoder}' must set an integer attribute out_dim")
     return encoder

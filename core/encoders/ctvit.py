@@ -11,15 +11,31 @@ preset) for the bias-free latent projection; ``pool: mean`` averages all tokens.
 Positions are learned embeddings, one table for the h·w spatial grid and one
 for the t slabs (CT-CLIP uses a conv position generator and a continuous
 position bias; learned tables keep every attention kernel exchangeable).
+
+Patch embedding (CT-CLIP's): norm over each patch's pt·p·p voxels → Linear →
+norm over ``dim``. ``patch_embed: linear`` computes it as written, on a copy of
+the volume cut into patch vectors (the norm keeps that copy for backward and
+the Linear one more). ``patch_embed: conv`` computes the same map with the
+same parameters without cutting the volume up: each patch's mean and variance
+are reduced in place over a strided view, the volume is normalised in its own
+layout, and a Conv3d with kernel = stride = patch and weight = Linear weight ×
+norm gain (bias = Linear bias + Linear weight · norm bias) projects it, in
+the input's precision (fp32) also under autocast. It keeps one normalised
+volume for backward instead of two volume copies (fp32 + bf16 under autocast).
+Under ``model.grad_checkpointing`` the patch embedding is recomputed in
+backward too, so it keeps nothing but the input.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from core.config import ModelConfig
 from core.encoders.base import register_encoder, resolve_axes, resolve_preset
@@ -40,6 +56,7 @@ class CTViTArgs:
     patch: int = 20
     temporal_patch: int = 10
     pool: Literal["ctclip", "mean"] = "ctclip"
+    patch_embed: Literal["linear", "conv"] = "linear"
     mlp_ratio: float = 4.0
     dropout: float = 0.0
 
@@ -75,10 +92,14 @@ class CTViT(nn.Module):
         self.spatial = Transformer(args.dim, args.spatial_depth, **layer)
         self.temporal = Transformer(args.dim, args.temporal_depth, **layer)
         self.out_dim = h * w * args.dim if args.pool == "ctclip" else args.dim
+        self.grad_checkpointing = False
+        if args.patch_embed == "conv":
+            patch_norm_centre(self.patch_norm_in)  # fails at build time for a norm the conv path cannot fold
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each transformer block's activations in backward instead of storing them."""
-        self.spatial.grad_checkpointing = self.temporal.grad_checkpointing = enable
+        """Recompute the patch embedding's and each transformer block's activations in backward
+        instead of storing them."""
+        self.grad_checkpointing = self.spatial.grad_checkpointing = self.temporal.grad_checkpointing = enable
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) → (B, t, h, w, pt·p·p) patch vectors."""
@@ -87,11 +108,46 @@ class CTViT(nn.Module):
         x = x.reshape(b, t, pt, h, p, w, p).permute(0, 1, 3, 5, 2, 4, 6)
         return x.reshape(b, t, h, w, pt * p * p)
 
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) → patch tokens (B, t, h, w, dim): norm → projection → norm, per ``patch_embed``."""
+        if self.args.patch_embed == "conv":
+            return self.patch_norm_out(self.conv_project(x))
+        return self.patch_norm_out(self.patch_proj(self.patch_norm_in(self.patchify(x))))
+
+    def conv_project(self, x: torch.Tensor) -> torch.Tensor:
+        """``patch_proj(patch_norm_in(patchify(x)))`` computed as a strided Conv3d on the normalised volume."""
+        b = x.shape[0]
+        (t, h, w), pt, p = self.grid, self.args.temporal_patch, self.args.patch
+        blocks = x.reshape(b, t, pt, h, p, w, p)  # a view: one patch's voxels along dims 2, 4, 6
+        norm, proj, voxels = self.patch_norm_in, self.patch_proj, (2, 4, 6)
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        if patch_norm_centre(norm):
+            var, mean = torch.var_mean(blocks, dim=voxels, correction=0, keepdim=True)
+            normed = (blocks - mean) * torch.rsqrt(var + eps)
+        else:
+            sumsq = torch.linalg.vector_norm(blocks, dim=voxels, keepdim=True).square()
+            normed = blocks * torch.rsqrt(sumsq / (pt * p * p) + eps)
+        weight, bias = proj.weight, proj.bias
+        if norm.weight is not None:
+            weight = weight * norm.weight
+        if getattr(norm, "bias", None) is not None:
+            bias = F.linear(norm.bias, proj.weight, bias)
+        # In the input's precision even under autocast: the normed volume is made in it anyway, so a half copy
+        # would add memory, not save it, and CPU bf16 conv3d kernels are several times slower than fp32 ones.
+        off = x.device.type if torch.amp.is_autocast_available(x.device.type) else None
+        with torch.autocast(off, enabled=False) if off else nullcontext():
+            out = F.conv3d(normed.reshape(x.shape), weight.to(normed.dtype).view(-1, 1, pt, p, p),
+                           bias.to(normed.dtype), stride=(pt, p, p))
+        return out.permute(0, 2, 3, 4, 1)
+
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) → encoded tokens (B, t, h, w, dim)."""
         b, dim = x.shape[0], self.args.dim
         t, h, w = self.grid
-        tokens = self.patch_norm_out(self.patch_proj(self.patch_norm_in(self.patchify(x))))
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            tokens = checkpoint(self.embed_patches, x, use_reentrant=False)
+        else:
+            tokens = self.embed_patches(x)
         tokens = tokens.reshape(b * t, h * w, dim) + self.spatial_pos
         tokens = self.spatial(tokens)
         tokens = tokens.reshape(b, t, h * w, dim).transpose(1, 2).reshape(b * h * w, t, dim) + self.temporal_pos
@@ -103,6 +159,18 @@ class CTViT(nn.Module):
         if self.args.pool == "ctclip":
             return tokens.mean(dim=1).flatten(1)
         return tokens.mean(dim=(1, 2, 3))
+
+
+def patch_norm_centre(norm: nn.Module) -> bool:
+    """Whether the patch pre-norm centres (LayerNorm) or only scales (RMSNorm): what ``patch_embed: conv`` folds."""
+    for kind, centre in _FOLDABLE_NORMS.items():
+        if isinstance(norm, kind):
+            return centre
+    raise ConfigError(f"model.encoder_args.patch_embed=conv folds a LayerNorm or RMSNorm patch pre-norm, not "
+                      f"{type(norm).__name__}; use patch_embed: linear with this norm")
+
+
+_FOLDABLE_NORMS: dict[type[nn.Module], bool] = {nn.LayerNorm: True, nn.RMSNorm: False}
 
 
 @register_encoder("ctvit", axes={"attention": "sdpa", "norm": "layernorm", "mlp": "gelu"})

@@ -4,6 +4,13 @@ All three compute softmax(QKᵀ/√d)V over the same projections; they differ on
 in how: ``standard`` materialises the (L × L) attention matrix (the CT-CLIP
 baseline), ``sdpa`` calls torch's fused ``scaled_dot_product_attention``, and
 ``flash`` calls the flash-attn package (CUDA, fp16/bf16 only).
+
+``sdpa`` picks its backend itself unless ``model.sdpa_backend`` names one
+(``set_sdpa_backend``): ``flash`` (FlashAttention-2 inside torch; on CPU torch's
+own flash kernel), ``efficient`` (memory-efficient, CUDA), ``cudnn`` (cuDNN,
+CUDA) or ``math`` (the explicit product, any device). The choice is applied
+with ``torch.nn.attention.sdpa_kernel`` around the call; ``auto`` leaves
+torch's dispatcher alone. The other kernels ignore it.
 """
 
 from __future__ import annotations
@@ -11,14 +18,30 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from core.registry import ATTENTION, ConfigError
+from core.registry import ATTENTION, ConfigError, closest
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# model.sdpa_backend → torch backend (None = torch's own choice).
+SDPA_BACKENDS: dict[str, SDPBackend | None] = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+# Backends torch implements per device type; on CUDA each also has dtype / head-size limits of its own.
+SDPA_DEVICE_BACKENDS: dict[str, tuple[str, ...]] = {
+    "cpu": ("auto", "flash", "math"),
+    "cuda": tuple(SDPA_BACKENDS),
+}
 
 
 @ATTENTION.register("standard")
@@ -55,6 +78,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return out.transpose(1, 2).to(q.dtype)
 
 
+def check_sdpa_backend(backend: str) -> SDPBackend | None:
+    """The torch backend named by ``model.sdpa_backend``; a ConfigError naming the closest choice otherwise."""
+    if backend not in SDPA_BACKENDS:
+        raise ConfigError(f"model.sdpa_backend: unknown backend '{backend}'{closest(backend, list(SDPA_BACKENDS))} "
+                          f"(choices: {', '.join(SDPA_BACKENDS)})")
+    return SDPA_BACKENDS[backend]
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention: fused qkv projection → kernel → output projection."""
 
@@ -62,6 +93,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.heads, self.dim_head, self.kernel_name = heads, dim_head, name
         self.kernel = kernel
+        self.sdpa_backend = "auto"
         inner = heads * dim_head
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.proj = nn.Linear(inner, dim)
@@ -69,11 +101,36 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        out = self.kernel(qkv[0], qkv[1], qkv[2])
+        with self._backend_scope(x.device.type):
+            out = self.kernel(qkv[0], qkv[1], qkv[2])
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head))
 
+    def _backend_scope(self, device_type: str) -> AbstractContextManager:
+        """``sdpa_kernel(backend)`` for an ``sdpa`` kernel with a chosen backend on CPU or CUDA; a no-op otherwise
+        (the meta device of FLOP counting runs every backend as its math)."""
+        if self.kernel_name != "sdpa" or self.sdpa_backend == "auto" or device_type not in SDPA_DEVICE_BACKENDS:
+            return nullcontext()
+        if self.sdpa_backend not in SDPA_DEVICE_BACKENDS[device_type]:
+            usable = ", ".join(SDPA_DEVICE_BACKENDS[device_type])
+            raise RuntimeError(f"model.sdpa_backend={self.sdpa_backend} has no {device_type} kernel in torch; "
+                               f"use one of: {usable}")
+        return sdpa_kernel(SDPA_BACKENDS[self.sdpa_backend])
+
     def extra_repr(self) -> str:
-        return f"kernel={self.kernel_name}, heads={self.heads}, dim_head={self.dim_head}"
+        backend = f", sdpa_backend={self.sdpa_backend}" if self.kernel_name == "sdpa" else ""
+        return f"kernel={self.kernel_name}{backend}, heads={self.heads}, dim_head={self.dim_head}"
+
+
+def set_sdpa_backend(module: nn.Module, backend: str) -> int:
+    """Make every ``sdpa`` attention inside ``module`` run on ``backend`` (a ``model.sdpa_backend`` value).
+
+    Returns how many attention layers took it (layers with other kernels ignore it).
+    """
+    check_sdpa_backend(backend)
+    layers = [m for m in module.modules() if isinstance(m, MultiHeadAttention)]
+    for layer in layers:
+        layer.sdpa_backend = backend
+    return sum(layer.kernel_name == "sdpa" for layer in layers)
 
 
 def create_attention(name: str, dim: int, heads: int = 8, dim_head: int = 64) -> MultiHeadAttention:
