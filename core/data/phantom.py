@@ -387,13 +387,13 @@ def _direction(rng: np.random.Generator) -> np.ndarray:
 
 @signature("Lung nodule")
 def _nodule(rng, a):
-    count = int(rng.integers(2, 5))
+    count = int(rng.integers(3, 7))
     prims, sizes, first = [], [], None
     for _ in range(count):
         side = _side(rng)
-        r = float(rng.uniform(10.0, 15.0)) * a.scale
+        r = float(rng.uniform(13.0, 19.0)) * a.scale
         centre = random_point(rng, *a.lungs[side], margin=0.65)
-        prims.append(Ellipsoid(centre, (r, r, r), 250.0, "lung"))  # solid, partly calcified
+        prims.append(Ellipsoid(centre, (r, r, r), 300.0, "lung"))  # solid, partly calcified
         sizes.append(2 * r)
         first = first or (side, centre)
     side, centre = first
@@ -402,10 +402,10 @@ def _nodule(rng, a):
 
 @signature("Emphysema")
 def _emphysema(rng, a):
-    prims: list[Primitive] = [Shift(-70.0, "lung")]  # hyperlucent lungs
-    for _ in range(int(rng.integers(30, 50))):
+    prims: list[Primitive] = [Shift(-110.0, "lung")]  # hyperlucent lungs
+    for _ in range(int(rng.integers(40, 60))):
         side = _side(rng)
-        r = float(rng.uniform(6.0, 12.0)) * a.scale
+        r = float(rng.uniform(9.0, 16.0)) * a.scale
         prims.append(Ellipsoid(random_point(rng, *a.lungs[side], 0.85, (-0.2, 1.0)), (r, r, r), -1000.0, "lung"))
     return prims, {"type": str(rng.choice(["centrilobular", "paraseptal"]))}
 
@@ -415,10 +415,10 @@ def _opacity(rng, a):
     side = _side(rng)
     centre = random_point(rng, *a.lungs[side], 0.55)
     prims = []
-    for _ in range(int(rng.integers(3, 7))):
-        r = float(rng.uniform(22.0, 34.0)) * a.scale
+    for _ in range(int(rng.integers(4, 8))):
+        r = float(rng.uniform(24.0, 36.0)) * a.scale
         offset = _direction(rng) * rng.uniform(0, 25) * a.scale
-        prims.append(Ellipsoid(tuple(np.add(centre, offset)), (r * 0.8, r, r), -380.0, f"lung_{side}"))
+        prims.append(Ellipsoid(tuple(np.add(centre, offset)), (r * 0.8, r, r), -300.0, f"lung_{side}"))
     return prims, {"side": side, "lobe": _lobe(a, side, centre)}
 
 
@@ -427,8 +427,8 @@ def _consolidation(rng, a):
     side = _side(rng)
     centre = random_point(rng, *a.lungs[side], 0.55, (-0.9, 0.2))
     prims: list[Primitive] = []
-    for _ in range(int(rng.integers(2, 5))):
-        r = float(rng.uniform(22.0, 30.0)) * a.scale
+    for _ in range(int(rng.integers(3, 6))):
+        r = float(rng.uniform(26.0, 36.0)) * a.scale
         offset = _direction(rng) * rng.uniform(0, 14) * a.scale
         prims.append(Ellipsoid(tuple(np.add(centre, offset)), (r * 0.8, r, r), 50.0, f"lung_{side}"))
     for _ in range(3):  # air bronchograms
@@ -443,7 +443,7 @@ def _atelectasis(rng, a):
     centre = random_point(rng, *a.lungs[side], 0.5, (-0.8, -0.1))
     angle = rng.uniform(math.radians(25), math.radians(60))
     normal = (math.cos(angle), math.sin(angle) * rng.choice([-1.0, 1.0]), rng.uniform(-0.2, 0.2))
-    slab = Slab(centre, normal, float(rng.uniform(11.0, 15.0)) * a.scale, float(rng.uniform(40.0, 55.0)) * a.scale,
+    slab = Slab(centre, normal, float(rng.uniform(15.0, 20.0)) * a.scale, float(rng.uniform(55.0, 70.0)) * a.scale,
                 30.0, f"lung_{side}")
     return [slab], {"side": side, "lobe": _lobe(a, side, centre)}
 
@@ -454,10 +454,10 @@ def _fibrosis(rng, a):
     centre, axes = a.lungs[side]
     prims = []
     first = None
-    for _ in range(int(rng.integers(8, 13))):  # apical streaks (post-inflammatory sequelae)
+    for _ in range(int(rng.integers(12, 18))):  # apical streaks (post-inflammatory sequelae)
         start = random_point(rng, centre, axes, 0.8, (0.45, 0.95))
         end = np.add(start, _direction(rng) * rng.uniform(40, 70) * a.scale)
-        prims.append(Capsule(start, tuple(end), float(rng.uniform(4.0, 5.0)) * a.scale, 80.0, f"lung_{side}"))
+        prims.append(Capsule(start, tuple(end), float(rng.uniform(5.0, 6.5)) * a.scale, 150.0, f"lung_{side}"))
         first = first or start
     return prims, {"side": side, "lobe": _lobe(a, side, first)}
 
@@ -484,7 +484,7 @@ def _mosaic(rng, a):
 @signature("Interlobular septal thickening")
 def _septal(rng, a):
     prims = []
-    for _ in range(int(rng.integers(150, 220))):  # short septal lines running in from the pleura
+    for _ in range(int(rng.integers(220, 300))):  # short septal lines running in from the pleura
         side = _side(rng)
         centre, axes = a.lungs[side]
         u = _direction(rng)
@@ -492,7 +492,7 @@ def _septal(rng, a):
         start = np.add(centre, 0.96 * np.asarray(axes) * u)
         inward = np.subtract(centre, start) / np.linalg.norm(np.subtract(centre, start))
         end = start + inward * rng.uniform(12.0, 22.0) * a.scale
-        prims.append(Capsule(tuple(start), tuple(end), 3.0 * a.scale, 0.0, f"lung_{side}"))
+        prims.append(Capsule(tuple(start), tuple(end), 3.5 * a.scale, 50.0, f"lung_{side}"))
     return prims, {}
 
 
@@ -512,10 +512,10 @@ def _bronchiectasis(rng, a):
     side = _side(rng)
     centre, axes = a.lungs[side]
     hilum = a.bronchi[side][0][0]
-    lumen = float(rng.uniform(9.0, 12.0)) * a.scale
+    lumen = float(rng.uniform(11.0, 15.0)) * a.scale
     wall = (max(4.0 * a.scale, a.bronchus_wall[0]), max(40.0, a.bronchus_wall[1]))
     prims, ends = [], []
-    for _ in range(int(rng.integers(6, 10))):
+    for _ in range(int(rng.integers(8, 12))):
         end = random_point(rng, centre, axes, 0.75, (-0.9, 0.3))
         ends.append(end)
         prims += bronchus_primitives(a, hilum, end, lumen, wall)
@@ -542,7 +542,7 @@ def _plaques(rng, start: Point, end: Point, radius: float, count: int, hu: float
         t, phi = rng.uniform(0.05, 0.95), rng.uniform(0, 2 * math.pi)
         centre = a + t * (b - a) + radius * (math.cos(phi) * ortho + math.sin(phi) * ortho2)
         half = axis * rng.uniform(5.0, 12.0)
-        prims.append(Capsule(tuple(centre - half), tuple(centre + half), 3.0, hu))
+        prims.append(Capsule(tuple(centre - half), tuple(centre + half), 4.0, hu))
     return prims
 
 
@@ -571,7 +571,7 @@ def _coronary_calcification(rng, a):
         for t in rng.uniform(0, 1, int(rng.integers(3, 6))):
             centre = p + t * (q - p)
             half = _direction(rng) * 6.0
-            prims.append(Capsule(tuple(centre - half), tuple(centre + half), 3.5, 1100.0))
+            prims.append(Capsule(tuple(centre - half), tuple(centre + half), 4.5, 1100.0))
     vessel = names[0] if len(names) == 1 else "coronary arteries"
     return prims, {"vessel": vessel}
 
@@ -614,14 +614,14 @@ def _medical_material(rng, a):
                              "sternotomy wires"]))
     if device == "sternotomy wires":
         y = -a.body_axes[0] + a.body_y + 20 * s
-        prims = [Capsule((z * s, y - 4 * s, -17 * s), (z * s, y - 4 * s, 17 * s), 3.5, 3000.0)
+        prims = [Capsule((z * s, y - 4 * s, -17 * s), (z * s, y - 4 * s, 17 * s), 5.0, 3000.0)
                  for z in (-40.0, -15.0, 10.0, 35.0, 60.0)]
         return prims, {"device": device}
     path = [(115.0, -45.0, -70.0), (85.0, -20.0, -25.0), (40.0, -18.0, -12.0), (-25.0, -28.0, 0.0)]
-    prims = [Capsule(_s(p, s), _s(q, s), 3.5, 3000.0) for p, q in zip(path, path[1:], strict=False)]
+    prims = [Capsule(_s(p, s), _s(q, s), 5.0, 3000.0) for p, q in zip(path, path[1:], strict=False)]
     if "pacemaker" in device:
         prims.append(Ellipsoid(_s((95.0, -80.0, 70.0), s), (20.0, 6.0, 25.0), 3000.0))
-        prims.append(Capsule(_s((95.0, -80.0, 70.0), s), _s(path[0], s), 3.5, 3000.0))
+        prims.append(Capsule(_s((95.0, -80.0, 70.0), s), _s(path[0], s), 5.0, 3000.0))
     return prims, {"device": device}
 
 
