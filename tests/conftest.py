@@ -25,6 +25,22 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def synthetic_source(tmp_path_factory):
+    """The session's small synthetic CT-RATE (tests.data_fixtures.shared_synthetic); tests must not modify it."""
+    from tests.data_fixtures import shared_synthetic
+
+    return shared_synthetic(tmp_path_factory)
+
+
+@pytest.fixture
+def dataset_copy(synthetic_source, tmp_path):
+    """A private copy of ``synthetic_source`` that a test may modify."""
+    from tests.data_fixtures import copy_dataset
+
+    return copy_dataset(synthetic_source, tmp_path)
+
+
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     """Overrides that make a CPU-sized CT-ViT + tiny BERT model (16 × 32 × 32 volumes)."""

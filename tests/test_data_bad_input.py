@@ -12,17 +12,7 @@ from core.data.cache import cache_path, prepare, summary_path
 from core.data.ctrate import SKIP_REASONS
 from core.data.dataset import CachedCTDataset
 from core.registry import ConfigError
-from tests.data_fixtures import copy_dataset, data_config, shared_synthetic, write_nifti
-
-
-@pytest.fixture(scope="module")
-def synthetic_source(tmp_path_factory):
-    return shared_synthetic(tmp_path_factory)
-
-
-@pytest.fixture
-def root(synthetic_source, tmp_path):
-    return copy_dataset(synthetic_source, tmp_path)
+from tests.data_fixtures import data_config, write_nifti
 
 
 def _train_files(root):
@@ -65,9 +55,9 @@ def _break(root):
     return expected
 
 
-def test_each_bad_input_is_skipped_with_one_warning_and_counted(root, tmp_path, caplog):
-    expected = _break(root)
-    cfg = data_config(root, tmp_path / "cache")
+def test_each_bad_input_is_skipped_with_one_warning_and_counted(dataset_copy, tmp_path, caplog):
+    expected = _break(dataset_copy)
+    cfg = data_config(dataset_copy, tmp_path / "cache")
     with caplog.at_level(logging.WARNING, logger="core.data.cache"):
         summary = prepare(cfg, splits=("train",), progress=False)
     split = summary.splits["train"]
@@ -86,9 +76,9 @@ def test_each_bad_input_is_skipped_with_one_warning_and_counted(root, tmp_path, 
     assert len(CachedCTDataset(cfg, "train")) == 1
 
 
-def test_bad_files_are_not_retried_but_still_reported(root, tmp_path, caplog):
-    _break(root)
-    cfg = data_config(root, tmp_path / "cache")
+def test_bad_files_are_not_retried_but_still_reported(dataset_copy, tmp_path, caplog):
+    _break(dataset_copy)
+    cfg = data_config(dataset_copy, tmp_path / "cache")
     prepare(cfg, splits=("train",), progress=False)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="core.data.cache"):
@@ -97,11 +87,11 @@ def test_bad_files_are_not_retried_but_still_reported(root, tmp_path, caplog):
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 9
 
 
-def test_a_repaired_file_is_picked_up(root, synthetic_source, tmp_path):
-    bad = _train_files(root)[2]
+def test_a_repaired_file_is_picked_up(dataset_copy, synthetic_source, tmp_path):
+    bad = _train_files(dataset_copy)[2]
     good = bad.read_bytes()
     bad.write_bytes(b"")
-    cfg = data_config(root, tmp_path / "cache")
+    cfg = data_config(dataset_copy, tmp_path / "cache")
     assert prepare(cfg, splits=("train",), progress=False).skipped_count == 1
     bad.write_bytes(good)
     summary = prepare(cfg, splits=("train",), progress=False)
@@ -115,19 +105,19 @@ def test_missing_root_fails_before_any_work(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_csv_without_required_columns_fails_before_any_work(root, tmp_path):
-    path = root / "radiology_text_reports" / "validation_reports.csv"
+def test_csv_without_required_columns_fails_before_any_work(dataset_copy, tmp_path):
+    path = dataset_copy / "radiology_text_reports" / "validation_reports.csv"
     pd.read_csv(path).rename(columns={"Findings_EN": "Findings"}).to_csv(path, index=False)
-    cfg = data_config(root, tmp_path / "cache")
+    cfg = data_config(dataset_copy, tmp_path / "cache")
     with pytest.raises(ConfigError, match=r"validation_reports\.csv' lacks the column\(s\) Findings_EN"):
         prepare(cfg, splits=("train", "valid"), progress=False)  # train is fine, but nothing is processed
     assert not cache_path(cfg).exists()
 
 
-def test_bad_label_values_are_skipped(root, tmp_path):
-    path = root / "multi_abnormality_labels" / "valid_predicted_labels.csv"
+def test_bad_label_values_are_skipped(dataset_copy, tmp_path):
+    path = dataset_copy / "multi_abnormality_labels" / "valid_predicted_labels.csv"
     frame = pd.read_csv(path)
     frame.loc[0, "Lung nodule"] = 7
     frame.to_csv(path, index=False)
-    summary = prepare(data_config(root, tmp_path / "cache"), splits=("valid",), progress=False)
+    summary = prepare(data_config(dataset_copy, tmp_path / "cache"), splits=("valid",), progress=False)
     assert summary.splits["valid"].skipped == {"bad_labels": 1}

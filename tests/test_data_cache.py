@@ -13,32 +13,22 @@ from core.data.dataset import CachedCTDataset, collate
 from core.data.pathologies import PATHOLOGIES
 from core.data.preprocess import Preprocessing, preprocess_file
 from core.registry import ConfigError
-from tests.data_fixtures import SHAPE, copy_dataset, data_config, labels, reports, shared_synthetic
-
-
-@pytest.fixture(scope="module")
-def synthetic_source(tmp_path_factory):
-    return shared_synthetic(tmp_path_factory)
-
-
-@pytest.fixture
-def root(synthetic_source, tmp_path):
-    return copy_dataset(synthetic_source, tmp_path)
+from tests.data_fixtures import SHAPE, copy_dataset, data_config, labels, reports
 
 
 def _volume_files(cfg, split="train"):
     return sorted((cache_path(cfg) / split / "volumes").glob("*.npy"))
 
 
-def test_round_trip_items_are_aligned_with_their_volume(root, tmp_path):
-    cfg = data_config(root, tmp_path / "cache")
+def test_round_trip_items_are_aligned_with_their_volume(dataset_copy, tmp_path):
+    cfg = data_config(dataset_copy, tmp_path / "cache")
     summary = prepare(cfg, progress=False)
     assert summary.splits["train"].volumes == 10 and summary.splits["valid"].volumes == 4
     assert summary.processed == 14 and summary.skipped_count == 0
     dataset = CachedCTDataset(cfg, "train")
     assert len(dataset) == 10
-    report_rows = reports(root).set_index("VolumeName")
-    label_rows = labels(root).set_index("VolumeName")
+    report_rows = reports(dataset_copy).set_index("VolumeName")
+    label_rows = labels(dataset_copy).set_index("VolumeName")
     records = {r.name: r for r in read_split(cfg, "train").records}
     prep = Preprocessing.from_config(cfg)
     for i in range(len(dataset)):
@@ -55,8 +45,8 @@ def test_round_trip_items_are_aligned_with_their_volume(root, tmp_path):
         np.testing.assert_allclose(item["volume"][0].numpy(), fresh, atol=1e-3)
 
 
-def test_collate_stacks_a_batch(root, tmp_path):
-    cfg = data_config(root, tmp_path / "cache")
+def test_collate_stacks_a_batch(dataset_copy, tmp_path):
+    cfg = data_config(dataset_copy, tmp_path / "cache")
     prepare(cfg, splits=("valid",), progress=False)
     dataset = CachedCTDataset(cfg, "valid")
     batch = collate([dataset[i] for i in range(3)])
@@ -64,8 +54,8 @@ def test_collate_stacks_a_batch(root, tmp_path):
     assert batch["name"] == dataset.names[:3] and batch["text"] == dataset.texts[:3]
 
 
-def test_second_prepare_does_no_work(root, tmp_path):
-    cfg = data_config(root, tmp_path / "cache")
+def test_second_prepare_does_no_work(dataset_copy, tmp_path):
+    cfg = data_config(dataset_copy, tmp_path / "cache")
     prepare(cfg, progress=False)
     before = {p: p.stat().st_mtime_ns for p in cache_path(cfg).rglob("*")}
     time.sleep(0.01)
@@ -76,10 +66,10 @@ def test_second_prepare_does_no_work(root, tmp_path):
 
 @pytest.mark.parametrize("override", ["data.hu_window=[-1200, 600]", "data.target_spacing=[10.0, 6.0, 6.0]",
                                       "data.target_shape=[8, 32, 32]", "data.cache_dtype=int16"])
-def test_changed_preprocessing_rebuilds_and_never_serves_stale(root, tmp_path, override):
-    base = data_config(root, tmp_path / "cache")
+def test_changed_preprocessing_rebuilds_and_never_serves_stale(dataset_copy, tmp_path, override):
+    base = data_config(dataset_copy, tmp_path / "cache")
     prepare(base, splits=("valid",), progress=False)
-    changed = data_config(root, tmp_path / "cache", override)
+    changed = data_config(dataset_copy, tmp_path / "cache", override)
     assert cache_path(changed) != cache_path(base)
     with pytest.raises(ConfigError, match="no prepared cache"):
         CachedCTDataset(changed, "valid")
@@ -89,8 +79,8 @@ def test_changed_preprocessing_rebuilds_and_never_serves_stale(root, tmp_path, o
     assert prepare(base, splits=("valid",), progress=False).processed == 0  # the old settings are still there
 
 
-def test_interrupted_prepare_resumes_with_only_the_missing_volumes(root, tmp_path):
-    cfg = data_config(root, tmp_path / "cache")
+def test_interrupted_prepare_resumes_with_only_the_missing_volumes(dataset_copy, tmp_path):
+    cfg = data_config(dataset_copy, tmp_path / "cache")
     prepare(cfg, splits=("train",), progress=False)
     files = _volume_files(cfg)
     removed, kept = files[:3], files[3:]
@@ -106,8 +96,8 @@ def test_interrupted_prepare_resumes_with_only_the_missing_volumes(root, tmp_pat
     assert len(CachedCTDataset(cfg, "train")) == 10
 
 
-def test_changed_source_file_is_redone(root, tmp_path):
-    cfg = data_config(root, tmp_path / "cache")
+def test_changed_source_file_is_redone(dataset_copy, tmp_path):
+    cfg = data_config(dataset_copy, tmp_path / "cache")
     prepare(cfg, splits=("train",), progress=False)
     source = read_split(cfg, "train").records[4].path
     os.utime(source, ns=(time.time_ns(), time.time_ns() + 10**9))
@@ -116,10 +106,10 @@ def test_changed_source_file_is_redone(root, tmp_path):
     assert len(_volume_files(cfg)) == 10  # the stale version was removed
 
 
-def test_changed_metadata_row_is_redone(root, tmp_path):
-    cfg = data_config(root, tmp_path / "cache")
+def test_changed_metadata_row_is_redone(dataset_copy, tmp_path):
+    cfg = data_config(dataset_copy, tmp_path / "cache")
     prepare(cfg, splits=("valid",), progress=False)
-    path = root / "metadata" / "validation_metadata.csv"
+    path = dataset_copy / "metadata" / "validation_metadata.csv"
     text = path.read_text().splitlines()
     header = text[0].split(",")
     row = text[1].split(",")
@@ -128,9 +118,9 @@ def test_changed_metadata_row_is_redone(root, tmp_path):
     assert prepare(cfg, splits=("valid",), progress=False).processed == 1
 
 
-def test_int16_cache_matches_float16_cache(root, tmp_path):
-    f16 = data_config(root, tmp_path / "cache")
-    i16 = data_config(root, tmp_path / "cache", "data.cache_dtype=int16")
+def test_int16_cache_matches_float16_cache(dataset_copy, tmp_path):
+    f16 = data_config(dataset_copy, tmp_path / "cache")
+    i16 = data_config(dataset_copy, tmp_path / "cache", "data.cache_dtype=int16")
     for cfg in (f16, i16):
         prepare(cfg, splits=("valid",), progress=False)
     torch.testing.assert_close(CachedCTDataset(i16, "valid").volume(1), CachedCTDataset(f16, "valid").volume(1),
@@ -138,9 +128,9 @@ def test_int16_cache_matches_float16_cache(root, tmp_path):
     assert np.load(_volume_files(i16, "valid")[0], mmap_mode="r").dtype == np.int16
 
 
-def test_worker_processes_give_the_same_cache(root, tmp_path):
-    inline = data_config(root, tmp_path / "a")
-    pooled = data_config(root, tmp_path / "b")
+def test_worker_processes_give_the_same_cache(dataset_copy, tmp_path):
+    inline = data_config(dataset_copy, tmp_path / "a")
+    pooled = data_config(dataset_copy, tmp_path / "b")
     prepare(inline, splits=("valid",), workers=1, progress=False)
     assert prepare(pooled, splits=("valid",), workers=2, progress=False).processed == 4
     for a, b in zip(_volume_files(inline, "valid"), _volume_files(pooled, "valid"), strict=True):
@@ -148,31 +138,31 @@ def test_worker_processes_give_the_same_cache(root, tmp_path):
         np.testing.assert_array_equal(np.load(a), np.load(b))
 
 
-def test_subset_shares_volumes_with_the_full_set(root, tmp_path):
-    full = data_config(root, tmp_path / "cache")
-    half = data_config(root, tmp_path / "cache", "data.subset_fraction=0.5")
+def test_subset_shares_volumes_with_the_full_set(dataset_copy, tmp_path):
+    full = data_config(dataset_copy, tmp_path / "cache")
+    half = data_config(dataset_copy, tmp_path / "cache", "data.subset_fraction=0.5")
     assert prepare(half, splits=("train",), progress=False).processed == 5
     assert len(CachedCTDataset(half, "train")) == 5
     assert index_path(half, "train") != index_path(full, "train")
     assert prepare(full, splits=("train",), progress=False).processed == 5  # only the other half
 
 
-def test_fingerprint_is_stable_and_content_based(root, synthetic_source, tmp_path):
-    cfg = data_config(root, tmp_path / "cache")
+def test_fingerprint_is_stable_and_content_based(dataset_copy, synthetic_source, tmp_path):
+    cfg = data_config(dataset_copy, tmp_path / "cache")
     prepare(cfg, splits=("valid",), progress=False)
     first = data_fingerprint(cfg, "valid")
     assert first == data_fingerprint(cfg, "valid") and len(first) == 16
     other = data_config(copy_dataset(synthetic_source, tmp_path / "elsewhere"), tmp_path / "cache2")
     prepare(other, splits=("valid",), progress=False)
     assert data_fingerprint(other, "valid") == first  # same data in another folder
-    path = root / "multi_abnormality_labels" / "valid_predicted_labels.csv"
-    table = labels(root, "valid")
+    path = dataset_copy / "multi_abnormality_labels" / "valid_predicted_labels.csv"
+    table = labels(dataset_copy, "valid")
     table.loc[0, "Emphysema"] = 1 - table.loc[0, "Emphysema"]
     table.to_csv(path, index=False)
     prepare(cfg, splits=("valid",), progress=False)
     assert data_fingerprint(cfg, "valid") != first
 
 
-def test_dataset_without_prepare_says_how_to_prepare(root, tmp_path):
+def test_dataset_without_prepare_says_how_to_prepare(dataset_copy, tmp_path):
     with pytest.raises(ConfigError, match="ctlab data prepare --root"):
-        CachedCTDataset(data_config(root, tmp_path / "cache"), "train")
+        CachedCTDataset(data_config(dataset_copy, tmp_path / "cache"), "train")

@@ -7,14 +7,9 @@ import pytest
 from core.cli import main
 from core.data.bench import bench_data
 from core.data.cache import summary_path
-from tests.data_fixtures import SHAPE, SPACING, copy_dataset, data_config, shared_synthetic
+from tests.data_fixtures import SHAPE, SPACING, copy_dataset, data_config
 
 TINY = [f"data.target_shape={list(SHAPE)}", f"data.target_spacing={list(SPACING)}"]
-
-
-@pytest.fixture(scope="module")
-def synthetic_source(tmp_path_factory):
-    return shared_synthetic(tmp_path_factory)
 
 
 @pytest.mark.parametrize("argv", [["data"], ["data", "synth"], ["data", "prepare"], ["data", "info"]])

@@ -6,17 +6,7 @@ import pytest
 from core.data.ctrate import read_split
 from core.data.pathologies import PATHOLOGIES
 from core.registry import ConfigError
-from tests.data_fixtures import copy_dataset, data_config, labels, metadata, reports, shared_synthetic
-
-
-@pytest.fixture(scope="module")
-def synthetic_source(tmp_path_factory):
-    return shared_synthetic(tmp_path_factory)
-
-
-@pytest.fixture
-def dataset_copy(synthetic_source, tmp_path):
-    return copy_dataset(synthetic_source, tmp_path)
+from tests.data_fixtures import data_config, labels, metadata, reports
 
 
 def test_records_join_text_labels_and_metadata_by_volume_name(synthetic_source, tmp_path):

@@ -12,12 +12,7 @@ from core.data.phantom import DRAW_ORDER, SIGNATURES, anatomy_primitives, sample
 from core.data.preprocess import Preprocessing, preprocess_array
 from core.data.synthetic import PREVALENCE, Case, plan_volumes, render, sample_case, sample_labels, synthesize
 from core.registry import ConfigError
-from tests.data_fixtures import SHAPE, labels, metadata, reports, shared_synthetic
-
-
-@pytest.fixture(scope="module")
-def synthetic_source(tmp_path_factory):
-    return shared_synthetic(tmp_path_factory)
+from tests.data_fixtures import SHAPE, labels, metadata, reports
 
 
 def _sentences(text: str) -> list[str]:
