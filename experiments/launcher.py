@@ -63,10 +63,24 @@ def open_storage(opts: LaunchOptions) -> RDBStorage:
     )
 
 
+class CellSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler over cell ids, minus its habit of stopping the study after a trial.
+
+    Workers run one trial per ``optimize`` call and decide themselves when the
+    matrix is done (see ``work``). GridSampler's own stop check also reads a
+    ``grid_id`` that enqueued trials (retried cells) do not have, and raises
+    KeyError when such a trial ends with exactly one grid point unvisited.
+    """
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        """Nothing to do: the worker loop, not the sampler, ends the matrix."""
+
+
 def open_study(matrix: Matrix, storage: RDBStorage) -> optuna.Study:
     """The matrix's study: one grid point per runnable cell, maximising zero-shot AUROC."""
     ids = sorted(c.cell_id for c in matrix.runnable)
-    sampler = optuna.samplers.GridSampler({"cell": ids}, seed=0)
+    sampler = CellSampler({"cell": ids}, seed=0)
     return optuna.create_study(study_name=matrix.name, storage=storage, sampler=sampler, direction="maximize",
                                load_if_exists=True)
 
