@@ -52,6 +52,7 @@ class ModelConfig:
     latent_dim: int = 512
     text_encoder: str = "minilm"  # "minilm" (shipped), "tiny-random", a hub id or a local path
     text_pool: Literal["cls", "mean"] = "cls"
+    text_unit: Literal["report", "sentence"] = "report"  # encode reports whole, or per sentence and average
     text_max_length: int = 128
     adaptation: Literal["full", "frozen_text", "lora"] = "full"
     lora_rank: int = 8

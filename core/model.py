@@ -50,7 +50,7 @@ def build_model(cfg: Config) -> CLIPModel:
     image_encoder = create_encoder(m, tuple(cfg.data.target_shape))
     if m.grad_checkpointing and hasattr(image_encoder, "set_grad_checkpointing"):
         image_encoder.set_grad_checkpointing(True)
-    text_encoder = create_text_encoder(m.text_encoder, m.text_pool, m.text_max_length)
+    text_encoder = create_text_encoder(m.text_encoder, m.text_pool, m.text_max_length, m.text_unit)
     loss = create_loss(m.loss, m.logit_scale_init, m.logit_bias_init)
     return CLIPModel(image_encoder, text_encoder, loss, m.latent_dim)
 

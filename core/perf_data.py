@@ -66,7 +66,7 @@ def data_wait(
                           f"{cfg.data.target_shape}")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.train.seed))[:usable].tolist()
     subject = BenchSubject(cfg, 1, device)
-    collate = TokenizingCollate(subject.model.text_encoder.tokenizer, cfg.model.text_max_length)
+    collate = TokenizingCollate(subject.model.text_encoder.report_tokenizer)
     rows = []
     for count in workers:
         data_cfg = dataclasses.replace(cfg.data, num_workers=count)

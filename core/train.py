@@ -96,15 +96,14 @@ class ResumableSampler(DistributedSampler):
 class TokenizingCollate:
     """Stack a list of dataset items and tokenise their reports once, in the loader worker."""
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
+    def __init__(self, tokenize: Callable[[list[str]], dict[str, torch.Tensor]]) -> None:
+        self.tokenize = tokenize
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         from core.data.dataset import collate
 
         batch = collate(items)
-        tokens = self.tokenizer(batch["text"], padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt")
+        tokens = self.tokenize(batch["text"])
         batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
         return batch
 
@@ -168,7 +167,7 @@ def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
     if t.compile:
         model.image_encoder = torch.compile(model.image_encoder, mode=t.compile_mode)
     sampler = ResumableSampler(train_set, env, seed=t.seed)
-    collate_fn = TokenizingCollate(model.text_encoder.tokenizer, cfg.model.text_max_length)
+    collate_fn = TokenizingCollate(model.text_encoder.report_tokenizer)
     train_loader = make_loader(train_set, cfg.data, t.batch_size, collate_fn, sampler, device)
     valid_loader = make_loader(valid_set, cfg.data, cfg.eval.batch_size, collate_fn, None, device)
     steps_per_epoch = len(sampler) // t.batch_size // t.grad_accum

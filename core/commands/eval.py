@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     prepare(cfg.data, splits=(cfg.eval.split,), progress=not args.no_progress)
     dataset = CachedCTDataset(cfg.data, cfg.eval.split)
     loader = make_loader(dataset, cfg.data, cfg.eval.batch_size,
-                         TokenizingCollate(model.text_encoder.tokenizer, cfg.model.text_max_length), None, device)
+                         TokenizingCollate(model.text_encoder.report_tokenizer), None, device)
     with torch.no_grad():
         result = evaluate_zero_shot(model, loader, cfg.eval, device, progress=not args.no_progress)
     print(f"zero-shot on {cfg.eval.split} ({len(dataset)} volumes, checkpoint {checkpoint}):")
