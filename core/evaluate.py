@@ -109,6 +109,17 @@ def zero_shot_scores(image_emb: torch.Tensor, prompt_emb: torch.Tensor, scale: f
     return logits.softmax(dim=-1)[..., 0].cpu().double().numpy()
 
 
+def _report_embeddings(model: nn.Module, batch: dict[str, Any], device: torch.device | str) -> torch.Tensor:
+    """A batch's report embeddings: from cached frozen-tower features, its tokens, or its raw text."""
+    if "text_features" in batch:
+        return model.project_text(batch["text_features"].to(device))
+    if "input_ids" in batch:
+        tokens = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    else:
+        tokens = model.tokenize(list(batch["text"]))
+    return model.encode_text(**{k: v.to(device, non_blocking=True) for k, v in tokens.items()})
+
+
 @torch.no_grad()
 def embed_dataset(
     model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device | str, progress: bool = False
@@ -117,18 +128,14 @@ def embed_dataset(
 
     Returns ``image_emb`` and ``text_emb`` (N, latent) float32 CPU tensors,
     ``labels`` (N, K) numpy array and ``names`` (VolumeName list). Reports are
+    projected from the batch's ``text_features`` (a frozen tower's, cached), or
     tokenised with ``model.tokenize`` unless the batch already has ``input_ids``.
     """
     image, text, labels, names = [], [], [], []
     with _eval_mode(model):
         for batch in tqdm(loader, desc="embed", disable=not progress, leave=False):
-            if "input_ids" in batch:
-                tokens = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            else:
-                tokens = model.tokenize(list(batch["text"]))
-            tokens = {k: v.to(device, non_blocking=True) for k, v in tokens.items()}
             image.append(model.encode_image(batch["volume"].to(device, non_blocking=True)).float().cpu())
-            text.append(model.encode_text(**tokens).float().cpu())
+            text.append(_report_embeddings(model, batch, device).float().cpu())
             labels.append(torch.as_tensor(batch["labels"]).cpu().numpy())
             names.extend(batch["name"])
     if not image:

@@ -33,14 +33,25 @@ class CLIPModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids → (B, latent) unit vectors."""
-        return F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)), dim=-1)
+        return self.project_text(self.text_encoder(input_ids, attention_mask))
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled text-tower features (e.g. cached ones of a frozen tower) → (B, latent) unit vectors."""
+        return F.normalize(self.text_proj(features), dim=-1)
 
     def forward(
-        self, volumes: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, volumes: torch.Tensor, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Contrastive loss of a batch of matching (volume, report) pairs, with both embeddings."""
+        """Contrastive loss of a batch of matching (volume, report) pairs, with both embeddings.
+
+        Reports come as tokens, or as ``text_features`` a frozen text tower computed beforehand.
+        """
         image_emb = self.encode_image(volumes)
-        text_emb = self.encode_text(input_ids, attention_mask)
+        if text_features is not None:
+            text_emb = self.project_text(text_features)
+        else:
+            text_emb = self.encode_text(input_ids, attention_mask)
         return {"loss": self.loss(image_emb, text_emb), "image_emb": image_emb, "text_emb": text_emb}
 
 

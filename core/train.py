@@ -35,6 +35,7 @@ from core.config import Config, DataConfig, config_id
 from core.distributed import DistEnv, barrier, init_distributed, shutdown
 from core.model import CLIPModel, build_model
 from core.optim import create_optimizer, create_scheduler
+from core.text_cache import FeatureCollate, features_path, report_features
 from core.tracking import Tracker, environment_tags
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,20 @@ class TokenizingCollate:
         return batch
 
 
+TEXT_INPUTS = ("input_ids", "attention_mask", "text_features")
+
+
+def frozen_text_collate(model: CLIPModel, cfg: Config, collate: Any, datasets: list[Any], env: DistEnv,
+                        progress: bool) -> FeatureCollate:
+    """``collate`` plus each report's cached frozen-tower features (computed once, by rank 0)."""
+    texts = sorted({text for dataset in datasets for text in dataset.texts})
+    path = features_path(cfg, texts)
+    if env.is_main:
+        report_features(model.text_encoder, texts, path, cfg.eval.batch_size, progress)
+    barrier(env)
+    return FeatureCollate(collate, texts, report_features(model.text_encoder, texts, path))
+
+
 def make_loader(dataset: Any, cfg: DataConfig, batch_size: int, collate_fn: Any, sampler: Any = None,
                 device: torch.device | None = None) -> DataLoader:
     """A DataLoader with the config's worker, pinning and prefetch settings."""
@@ -168,6 +183,8 @@ def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
         model.image_encoder = torch.compile(model.image_encoder, mode=t.compile_mode)
     sampler = ResumableSampler(train_set, env, seed=t.seed)
     collate_fn = TokenizingCollate(model.text_encoder.report_tokenizer)
+    if cfg.model.adaptation == "frozen_text":  # the tower cannot change: embed each report once, not every step
+        collate_fn = frozen_text_collate(model, cfg, collate_fn, [train_set, valid_set], env, progress)
     train_loader = make_loader(train_set, cfg.data, t.batch_size, collate_fn, sampler, device)
     valid_loader = make_loader(valid_set, cfg.data, cfg.eval.batch_size, collate_fn, None, device)
     steps_per_epoch = len(sampler) // t.batch_size // t.grad_accum
@@ -224,11 +241,12 @@ def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
                 micro += 1
                 sync = micro % t.grad_accum == 0
                 volumes = batch["volume"].to(device, non_blocking=True)
-                input_ids = batch["input_ids"].to(device, non_blocking=True)
-                mask = batch["attention_mask"].to(device, non_blocking=True)
+                text = {k: batch[k].to(device, non_blocking=True) for k in TEXT_INPUTS if k in batch}
+                if "text_features" in text:
+                    text = {"text_features": text["text_features"]}
                 with ddp.no_sync() if env.distributed and not sync else contextlib.nullcontext():
                     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                        loss = ddp(volumes, input_ids, mask)["loss"]
+                        loss = ddp(volumes, **text)["loss"]
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
                             f"loss is {loss.item()} at step {position.step} (epoch {position.epoch + 1}); "

@@ -108,9 +108,13 @@ def test_resume_without_checkpoint_starts_fresh(synthetic, tmp_path):
     assert (run_dir_for(cfg) / "checkpoints" / "last.pt").exists()
 
 
-def test_eval_command_reproduces_the_runs_final_metrics(synthetic, tmp_path, capsys):
-    cfg = _config(synthetic, tmp_path, "train.max_steps=2")
+@pytest.mark.parametrize("adaptation", ["full", "frozen_text"])
+def test_eval_command_reproduces_the_runs_final_metrics(synthetic, tmp_path, capsys, adaptation):
+    """Also for a frozen text tower, whose run reads cached report features and eval the live tower."""
+    cfg = _config(synthetic, tmp_path, "train.max_steps=2", f"model.adaptation={adaptation}")
     result = train(cfg, progress=False)
+    if adaptation == "frozen_text":
+        assert list((Path(cfg.data.cache_dir) / "text-features").glob("*.pt"))
     path = save_config(cfg, tmp_path / "resolved.yaml")
     assert main(["eval", str(path), "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
     printed = dict(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  "))

@@ -9,6 +9,12 @@ a fat-lined pericardium, aorta, trachea, oesophagus, spine, liver);
 ``SIGNATURES[name]`` adds one pathology's visible signature and returns the
 details a report states (side, lobe, size, ...). Signatures are sized to
 survive downsampling to 4.5 mm voxels (the 32 × 64 × 64 tiny-model input).
+
+CT-ViT normalises each patch (CT-CLIP's patch LayerNorm), which removes a
+patch's mean HU and contrast. A signature therefore shows by its shape and
+extent, as radiologists' signs do: hyperinflated lungs in emphysema, a raised
+hemidiaphragm with atelectasis, an apical cap with fibrotic streaks, thick-
+walled cystic bronchi, metal streak artefacts around devices.
 """
 
 from __future__ import annotations
@@ -137,7 +143,8 @@ class Slab:
 
 @dataclass(frozen=True)
 class Layer:
-    """Dependent fluid: region ``where`` posterior to ``y_min`` and below ``z_max`` (supine patient)."""
+    """Region ``where`` posterior to ``y_min`` and below ``z_max``: dependent fluid (supine patient), or with
+    ``y_min`` = -inf the lung base under a raised diaphragm."""
 
     y_min: float
     z_max: float
@@ -252,12 +259,16 @@ def random_point(rng: np.random.Generator, centre: Point, axes: Point, margin: f
 
 
 def sample_anatomy(rng: np.random.Generator, labels: dict[str, bool]) -> Anatomy:
-    """The patient's normal geometry (with an enlarged heart when Cardiomegaly is positive)."""
+    """The patient's geometry: normal, but with an enlarged heart (Cardiomegaly) or hyperinflated lungs (Emphysema)."""
     s = float(rng.uniform(0.92, 1.05))
     lungs = {
         "right": (_s((15.0, 5.0, -62.0), s), _s((105.0, 70.0, 48.0), s)),
         "left": (_s((15.0, 8.0, 64.0), s), _s((100.0, 66.0, 45.0), s)),
     }
+    if labels["Emphysema"]:  # hyperinflation: a low, flat diaphragm and a deeper chest, apices unchanged
+        tall, deep = rng.uniform(1.15, 1.25), rng.uniform(1.06, 1.12)
+        lungs = {side: ((c[0] - (tall - 1) * ax[0], c[1], c[2]), (ax[0] * tall, ax[1] * deep, ax[2]))
+                 for side, (c, ax) in lungs.items()}
     heart_centre, heart_axes = (-40.0, -30.0, 18.0), (45.0, 42.0, 50.0)
     if labels["Cardiomegaly"]:
         grow = rng.uniform(1.3, 1.45)
@@ -387,7 +398,7 @@ def _direction(rng: np.random.Generator) -> np.ndarray:
 
 @signature("Lung nodule")
 def _nodule(rng, a):
-    count = int(rng.integers(3, 7))
+    count = int(rng.integers(4, 9))
     prims, sizes, first = [], [], None
     for _ in range(count):
         side = _side(rng)
@@ -402,23 +413,30 @@ def _nodule(rng, a):
 
 @signature("Emphysema")
 def _emphysema(rng, a):
-    prims: list[Primitive] = [Shift(-110.0, "lung")]  # hyperlucent lungs
-    for _ in range(int(rng.integers(40, 60))):
+    prims: list[Primitive] = [Shift(-30.0, "lung")]  # hyperlucent lungs, still lighter than the air-filled bullae
+    for _ in range(int(rng.integers(50, 80))):
         side = _side(rng)
-        r = float(rng.uniform(9.0, 16.0)) * a.scale
+        r = float(rng.uniform(8.0, 14.0)) * a.scale
         prims.append(Ellipsoid(random_point(rng, *a.lungs[side], 0.85, (-0.2, 1.0)), (r, r, r), -1000.0, "lung"))
+    for _ in range(int(rng.integers(2, 5))):  # large apical bullae
+        side = _side(rng)
+        r = float(rng.uniform(18.0, 26.0)) * a.scale
+        prims.append(Ellipsoid(random_point(rng, *a.lungs[side], 0.7, (0.2, 1.0)), (r, r, r), -1000.0, "lung"))
     return prims, {"type": str(rng.choice(["centrilobular", "paraseptal"]))}
 
 
 @signature("Lung opacity")
 def _opacity(rng, a):
     side = _side(rng)
+    sides = [side, "left" if side == "right" else "right"] if rng.random() < 0.5 else [side]  # often bilateral
     centre = random_point(rng, *a.lungs[side], 0.55)
     prims = []
-    for _ in range(int(rng.integers(4, 8))):
-        r = float(rng.uniform(24.0, 36.0)) * a.scale
-        offset = _direction(rng) * rng.uniform(0, 25) * a.scale
-        prims.append(Ellipsoid(tuple(np.add(centre, offset)), (r * 0.8, r, r), -300.0, f"lung_{side}"))
+    for other in sides:
+        cluster = centre if other == side else random_point(rng, *a.lungs[other], 0.55)
+        for _ in range(int(rng.integers(4, 8))):
+            r = float(rng.uniform(24.0, 36.0)) * a.scale
+            offset = _direction(rng) * rng.uniform(0, 25) * a.scale
+            prims.append(Ellipsoid(tuple(np.add(cluster, offset)), (r * 0.8, r, r), -300.0, f"lung_{other}"))
     return prims, {"side": side, "lobe": _lobe(a, side, centre)}
 
 
@@ -428,7 +446,7 @@ def _consolidation(rng, a):
     centre = random_point(rng, *a.lungs[side], 0.55, (-0.9, 0.2))
     prims: list[Primitive] = []
     for _ in range(int(rng.integers(3, 6))):
-        r = float(rng.uniform(26.0, 36.0)) * a.scale
+        r = float(rng.uniform(30.0, 42.0)) * a.scale
         offset = _direction(rng) * rng.uniform(0, 14) * a.scale
         prims.append(Ellipsoid(tuple(np.add(centre, offset)), (r * 0.8, r, r), 50.0, f"lung_{side}"))
     for _ in range(3):  # air bronchograms
@@ -445,7 +463,9 @@ def _atelectasis(rng, a):
     normal = (math.cos(angle), math.sin(angle) * rng.choice([-1.0, 1.0]), rng.uniform(-0.2, 0.2))
     slab = Slab(centre, normal, float(rng.uniform(15.0, 20.0)) * a.scale, float(rng.uniform(55.0, 70.0)) * a.scale,
                 30.0, f"lung_{side}")
-    return [slab], {"side": side, "lobe": _lobe(a, side, centre)}
+    lung_centre, lung_axes = a.lungs[side]
+    base = lung_centre[0] - lung_axes[0] + float(rng.uniform(25.0, 35.0)) * a.scale  # volume loss: raised diaphragm
+    return [slab, Layer(-math.inf, base, 40.0, f"lung_{side}")], {"side": side, "lobe": _lobe(a, side, centre)}
 
 
 @signature("Pulmonary fibrotic sequela")
@@ -454,11 +474,14 @@ def _fibrosis(rng, a):
     centre, axes = a.lungs[side]
     prims = []
     first = None
-    for _ in range(int(rng.integers(12, 18))):  # apical streaks (post-inflammatory sequelae)
+    for _ in range(int(rng.integers(15, 22))):  # apical streaks (post-inflammatory sequelae)
         start = random_point(rng, centre, axes, 0.8, (0.45, 0.95))
         end = np.add(start, _direction(rng) * rng.uniform(40, 70) * a.scale)
-        prims.append(Capsule(start, tuple(end), float(rng.uniform(5.0, 6.5)) * a.scale, 150.0, f"lung_{side}"))
+        prims.append(Capsule(start, tuple(end), float(rng.uniform(6.0, 8.0)) * a.scale, 150.0, f"lung_{side}"))
         first = first or start
+    apex = (centre[0] + axes[0], centre[1], centre[2])
+    prims.append(Ellipsoid(apex, (float(rng.uniform(22.0, 30.0)) * a.scale, axes[1], axes[2]), 60.0,
+                           f"lung_{side}"))  # apical pleuro-parenchymal cap
     return prims, {"side": side, "lobe": _lobe(a, side, first)}
 
 
@@ -499,7 +522,7 @@ def _septal(rng, a):
 @signature("Peribronchial thickening")
 def _peribronchial(rng, a):
     """Thick soft-tissue walls around every bronchus (also the dilated ones Bronchiectasis draws after it)."""
-    a.bronchus_wall = (float(rng.uniform(4.0, 5.5)) * a.scale, 25.0)
+    a.bronchus_wall = (float(rng.uniform(6.0, 7.5)) * a.scale, 40.0)
     prims = []
     for side in a.lungs:
         for p, q in a.bronchi[side]:
@@ -513,12 +536,15 @@ def _bronchiectasis(rng, a):
     centre, axes = a.lungs[side]
     hilum = a.bronchi[side][0][0]
     lumen = float(rng.uniform(11.0, 15.0)) * a.scale
-    wall = (max(4.0 * a.scale, a.bronchus_wall[0]), max(40.0, a.bronchus_wall[1]))
+    wall = (max(6.0 * a.scale, a.bronchus_wall[0]), max(80.0, a.bronchus_wall[1]))  # thick-walled "tram tracks"
     prims, ends = [], []
     for _ in range(int(rng.integers(8, 12))):
         end = random_point(rng, centre, axes, 0.75, (-0.9, 0.3))
         ends.append(end)
         prims += bronchus_primitives(a, hilum, end, lumen, wall)
+    for end in ends[: int(rng.integers(4, 8))]:  # cystic dilatation: thick-walled rings at the branch ends
+        r = float(rng.uniform(12.0, 18.0)) * a.scale
+        prims.append(Ellipsoid(end, (r, r, r), wall[1], f"lung_{side}", inner=1.0 - wall[0] / r))
     return prims, {"side": side, "lobe": _lobe(a, side, ends[0])}
 
 
@@ -588,7 +614,7 @@ def _lymphadenopathy(rng, a):
     stations = [str(s) for s in rng.choice(list(LYMPH_STATIONS), size=int(rng.integers(3, 6)), replace=False)]
     prims, sizes = [], []
     for station in stations:
-        r = float(rng.uniform(11.0, 16.0)) * a.scale
+        r = float(rng.uniform(13.0, 18.0)) * a.scale
         centre = np.add(_s(LYMPH_STATIONS[station], a.scale), rng.normal(0, 3, 3))
         prims.append(Ellipsoid(tuple(centre), (r * 1.2, r, r), 55.0))
         sizes.append(2 * r)
@@ -616,13 +642,24 @@ def _medical_material(rng, a):
         y = -a.body_axes[0] + a.body_y + 20 * s
         prims = [Capsule((z * s, y - 4 * s, -17 * s), (z * s, y - 4 * s, 17 * s), 5.0, 3000.0)
                  for z in (-40.0, -15.0, 10.0, 35.0, 60.0)]
-        return prims, {"device": device}
+        return prims + _metal_streaks(rng, (10.0 * s, y - 4 * s, 0.0)), {"device": device}
     path = [(115.0, -45.0, -70.0), (85.0, -20.0, -25.0), (40.0, -18.0, -12.0), (-25.0, -28.0, 0.0)]
     prims = [Capsule(_s(p, s), _s(q, s), 5.0, 3000.0) for p, q in zip(path, path[1:], strict=False)]
     if "pacemaker" in device:
         prims.append(Ellipsoid(_s((95.0, -80.0, 70.0), s), (20.0, 6.0, 25.0), 3000.0))
         prims.append(Capsule(_s((95.0, -80.0, 70.0), s), _s(path[0], s), 5.0, 3000.0))
-    return prims, {"device": device}
+        prims += _metal_streaks(rng, _s((95.0, -80.0, 70.0), s))
+    return prims + _metal_streaks(rng, _s(path[2], s)), {"device": device}
+
+
+def _metal_streaks(rng: np.random.Generator, centre: Point) -> list[Primitive]:
+    """Alternating bright and dark beam-hardening streaks radiating from metal across its axial slice."""
+    prims: list[Primitive] = []
+    for k, angle in enumerate(rng.uniform(0, math.pi, 6)):
+        half = 140.0 * np.array([0.0, math.sin(angle), math.cos(angle)])
+        prims.append(Capsule(tuple(np.subtract(centre, half)), tuple(np.add(centre, half)), 2.0,
+                             600.0 if k % 2 == 0 else -700.0))
+    return prims
 
 
 assert set(SIGNATURES) == set(DRAW_ORDER) == set(PATHOLOGIES) - {"Cardiomegaly"}
