@@ -109,9 +109,6 @@ class TokenizingCollate:
         return batch
 
 
-TEXT_INPUTS = ("input_ids", "attention_mask", "text_features")
-
-
 def frozen_text_collate(model: CLIPModel, cfg: Config, collate: Any, datasets: list[Any], env: DistEnv,
                         progress: bool) -> FeatureCollate:
     """``collate`` plus each report's cached frozen-tower features (computed once, by rank 0)."""
@@ -241,9 +238,8 @@ def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
                 micro += 1
                 sync = micro % t.grad_accum == 0
                 volumes = batch["volume"].to(device, non_blocking=True)
-                text = {k: batch[k].to(device, non_blocking=True) for k in TEXT_INPUTS if k in batch}
-                if "text_features" in text:
-                    text = {"text_features": text["text_features"]}
+                text_keys = ("text_features",) if "text_features" in batch else ("input_ids", "attention_mask")
+                text = {k: batch[k].to(device, non_blocking=True) for k in text_keys}
                 with ddp.no_sync() if env.distributed and not sync else contextlib.nullcontext():
                     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                         loss = ddp(volumes, **text)["loss"]
