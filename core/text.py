@@ -96,7 +96,7 @@ class TextEncoder(nn.Module):
     def __init__(self, name: str = "minilm", pool: str = "cls", max_length: int = 128,
                  unit: Literal["report", "sentence"] = "report") -> None:
         super().__init__()
-        self.name, self.pool, self.max_length, self.unit = name, pool, max_length, unit
+        self.name, self.pool = name, pool
         if name == "tiny-random":
             self.tokenizer = AutoTokenizer.from_pretrained(minilm_path())
             self.model = _tiny_random_model()

@@ -6,8 +6,8 @@ tower such as MiniLM costs more per batch on a CPU than the tiny image
 encoder. ``report_features`` runs the tower once over a split's reports (in
 eval mode, as a frozen tower should be) and saves the pooled features under
 ``data.cache_dir/text-features/``, keyed by the tower, its settings and the
-texts; later runs and matrix cells load them. ``FeatureCollate`` then adds a
-batch's features to the tokenised batch, and the model projects them.
+texts; later runs and matrix cells load them. ``FeatureCollate`` then gives
+each batch its reports' features in place of tokens, and the model projects them.
 """
 
 from __future__ import annotations

@@ -109,15 +109,18 @@ class TokenizingCollate:
         return batch
 
 
-def frozen_text_collate(model: CLIPModel, cfg: Config, collate: Any, datasets: list[Any], env: DistEnv,
+def frozen_text_collate(model: CLIPModel, cfg: Config, datasets: list[Any], env: DistEnv,
                         progress: bool) -> FeatureCollate:
-    """``collate`` plus each report's cached frozen-tower features (computed once, by rank 0)."""
+    """Stack items and add each report's cached frozen-tower features (computed once, by rank 0); no tokens."""
+    from core.data.dataset import collate
+
     texts = sorted({text for dataset in datasets for text in dataset.texts})
     path = features_path(cfg, texts)
-    if env.is_main:
-        report_features(model.text_encoder, texts, path, cfg.eval.batch_size, progress)
+    features = report_features(model.text_encoder, texts, path, cfg.eval.batch_size, progress) if env.is_main else None
     barrier(env)
-    return FeatureCollate(collate, texts, report_features(model.text_encoder, texts, path))
+    if features is None:  # other ranks read what rank 0 wrote
+        features = report_features(model.text_encoder, texts, path)
+    return FeatureCollate(collate, texts, features)
 
 
 def make_loader(dataset: Any, cfg: DataConfig, batch_size: int, collate_fn: Any, sampler: Any = None,
@@ -179,9 +182,10 @@ def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
     if t.compile:
         model.image_encoder = torch.compile(model.image_encoder, mode=t.compile_mode)
     sampler = ResumableSampler(train_set, env, seed=t.seed)
-    collate_fn = TokenizingCollate(model.text_encoder.report_tokenizer)
     if cfg.model.adaptation == "frozen_text":  # the tower cannot change: embed each report once, not every step
-        collate_fn = frozen_text_collate(model, cfg, collate_fn, [train_set, valid_set], env, progress)
+        collate_fn = frozen_text_collate(model, cfg, [train_set, valid_set], env, progress)
+    else:
+        collate_fn = TokenizingCollate(model.text_encoder.report_tokenizer)
     train_loader = make_loader(train_set, cfg.data, t.batch_size, collate_fn, sampler, device)
     valid_loader = make_loader(valid_set, cfg.data, cfg.eval.batch_size, collate_fn, None, device)
     steps_per_epoch = len(sampler) // t.batch_size // t.grad_accum
