@@ -166,3 +166,11 @@ def test_fingerprint_is_stable_and_content_based(dataset_copy, synthetic_source,
 def test_dataset_without_prepare_says_how_to_prepare(dataset_copy, tmp_path):
     with pytest.raises(ConfigError, match="ctlab data prepare --root"):
         CachedCTDataset(data_config(dataset_copy, tmp_path / "cache"), "train")
+
+
+def test_cache_too_big_for_the_disk_is_refused_before_any_volume_is_written(dataset_copy, tmp_path):
+    # 12 volumes of 4096³ float16 (1.6 TB): more than this machine's disk holds.
+    cfg = data_config(dataset_copy, tmp_path / "cache", "data.target_shape=[4096, 4096, 4096]")
+    with pytest.raises(ConfigError, match=r"need \d+\.\d GB but the disk has .* data.target_shape"):
+        prepare(cfg, progress=False)
+    assert _volume_files(cfg) == [] and _volume_files(cfg, "valid") == []

@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -269,6 +270,23 @@ def _plan(cfg: DataConfig, listing: SplitListing, folder: Path) -> _Plan:
     return _Plan(listing, outputs, todo)
 
 
+def check_free_space(cfg: DataConfig, volumes: int, folder: Path) -> None:
+    """Refuse, before writing anything, to fill the disk with ``volumes`` preprocessed volumes.
+
+    CT-CLIP's input (240 × 480 × 480 float16) takes 110 MB a volume, so a
+    cache prepared with the wrong settings can use up a disk in minutes.
+    """
+    needed = volumes * int(np.prod(cfg.target_shape)) * np.dtype(cfg.cache_dtype).itemsize
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise ConfigError(
+            f"data cache '{folder}': {volumes} volumes of {'x'.join(map(str, cfg.target_shape))} {cfg.cache_dtype} "
+            f"need {needed / 1e9:.1f} GB but the disk has {free / 1e9:.1f} GB free; free some space, point "
+            "data.cache_dir (--cache) elsewhere, or use a smaller data.target_shape (the synthetic preset's: "
+            "-c experiments/configs/synthetic-tiny.yaml)"
+        )
+
+
 def _remove_stale(volumes: Path, outputs: list[tuple[VolumeRecord, Path, Path]]) -> None:
     """Delete older versions of the listed volumes (same stem, another vkey) and orphaned temp files."""
     current = {p.name for _, out, marker in outputs for p in (out, marker)}
@@ -334,6 +352,7 @@ def prepare(cfg: DataConfig, splits: tuple[str, ...] | list[str] = ("train", "va
     root = cache_path(cfg)
     _write_json(root / "config.json", cache_settings(cfg))
     plans = {split: _plan(cfg, listing, root / split) for split, listing in listings.items()}
+    check_free_space(cfg, sum(len(plan.todo) for plan in plans.values()), root)
     results = _run([task for plan in plans.values() for task in plan.todo], workers, progress)
     summaries = {split: _finish(cfg, split, plan, results) for split, plan in plans.items()}
     log.info("data cache %s: %s", root, "; ".join(
