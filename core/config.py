@@ -113,6 +113,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1.25e-6
+    text_lr_scale: float = 1.0  # the text tower's lr = lr × this (e.g. 0.1 to fine-tune a pretrained tower)
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 300
@@ -263,6 +264,7 @@ def validate(cfg: Config) -> Config:
         (cfg.train.batch_size >= 1, "train.batch_size: must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum: must be >= 1"),
         (cfg.train.lr > 0, "train.lr: must be > 0"),
+        (cfg.train.text_lr_scale >= 0, "train.text_lr_scale: must be >= 0 (0 holds the text tower still)"),
         (cfg.train.epochs >= 1, "train.epochs: must be >= 1"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps: must be >= 1 or null"),
         (0.0 < cfg.eval.ci < 1.0, "eval.ci: must be in (0, 1), e.g. 0.95"),

@@ -14,14 +14,22 @@ def create_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -
     """AdamW over trainable parameters; biases, norm gains and the loss's scale/bias get no weight decay.
 
     This follows open_clip: decaying a temperature or a LayerNorm gain only fights the model.
+    The text tower's parameters run at ``lr × text_lr_scale``, so a pretrained
+    tower can be fine-tuned gently beside an image encoder trained from scratch.
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}  # (no decay, own text lr) → parameters
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or name.startswith("loss.") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
+        no_decay = param.ndim < 2 or name.startswith("loss.")
+        text = cfg.text_lr_scale != 1.0 and "text_encoder" in name.split(".")
+        groups.setdefault((no_decay, text), []).append(param)
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+          "lr": cfg.lr * (cfg.text_lr_scale if text else 1.0)}
+         for (no_decay, text), params in sorted(groups.items())],
+        lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda",
+    )
 
 
 class WarmupCosine:

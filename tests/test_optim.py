@@ -40,3 +40,27 @@ def test_no_weight_decay_on_biases_norms_and_temperature():
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 4
+
+
+def test_text_tower_runs_at_its_own_scaled_lr_through_the_schedule():
+    model = torch.nn.ModuleDict({"image_encoder": torch.nn.Linear(4, 4), "text_encoder": torch.nn.Linear(4, 4)})
+    cfg = TrainConfig(lr=1e-3, text_lr_scale=0.1, warmup_steps=2, weight_decay=0.05)
+    opt = create_optimizer(model, cfg, torch.device("cpu"))
+    sched = create_scheduler(opt, cfg, total_steps=10)
+    owner = {id(p): name.split(".")[0] for name, p in model.named_parameters()}
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    for group in opt.param_groups:
+        towers = {owner[id(p)] for p in group["params"]}
+        assert len(towers) == 1  # a group never mixes the towers
+        scale = 0.1 if towers == {"text_encoder"} else 1.0
+        assert group["lr"] == pytest.approx(1e-3 * scale * WarmupCosine(2, 10)(5))
+        assert group["weight_decay"] == (0.05 if group["params"][0].ndim == 2 else 0.0)
+
+
+def test_default_text_lr_keeps_two_groups_so_older_checkpoints_resume():
+    model = torch.nn.ModuleDict({"image_encoder": torch.nn.Linear(4, 4), "text_encoder": torch.nn.Linear(4, 4)})
+    opt = create_optimizer(model, TrainConfig(lr=1e-3), torch.device("cpu"))
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    assert all(g["lr"] == 1e-3 for g in opt.param_groups)
