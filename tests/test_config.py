@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from core.config import Config, load_config, save_config
@@ -60,3 +62,9 @@ def test_save_then_load_round_trips(tmp_path):
 def test_override_without_equals_is_explained():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(None, ["model.attention"])
+
+
+@pytest.mark.parametrize("preset", sorted(Path("experiments/configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_loads_and_names_itself(preset):
+    cfg = load_config(str(preset))
+    assert cfg.name == preset.stem
