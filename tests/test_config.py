@@ -64,7 +64,10 @@ def test_override_without_equals_is_explained():
         load_config(None, ["model.attention"])
 
 
-@pytest.mark.parametrize("preset", sorted(Path("experiments/configs").glob("*.yaml")), ids=lambda p: p.stem)
+PRESETS = sorted((Path(__file__).parents[1] / "experiments" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_every_preset_loads_and_names_itself(preset):
     cfg = load_config(str(preset))
     assert cfg.name == preset.stem
