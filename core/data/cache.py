@@ -271,7 +271,7 @@ def _plan(cfg: DataConfig, listing: SplitListing, folder: Path) -> _Plan:
 
 
 def check_free_space(cfg: DataConfig, volumes: int, folder: Path) -> None:
-    """Refuse, before writing anything, to fill the disk with ``volumes`` preprocessed volumes.
+    """Refuse, before any volume is preprocessed, to fill the disk with ``volumes`` preprocessed volumes.
 
     CT-CLIP's input (240 × 480 × 480 float16) takes 110 MB a volume, so a
     cache prepared with the wrong settings can use up a disk in minutes.
