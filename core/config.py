@@ -68,9 +68,10 @@ class ModelConfig:
 class DataConfig:
     """Where the CT-RATE data lives and how volumes are preprocessed and cached."""
 
-    root: str = "data/synthetic"  # CT-RATE's dataset/ folder (train/, valid/, radiology_text_reports/, ...)
+    root: str = "data/synthetic"  # CT-RATE's dataset/ folder (train_fixed/ or train/, radiology_text_reports/, ...)
     cache_dir: str = "data/cache"
-    volume_dirs: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "valid"})
+    # split → volume folder under root; a split not listed is detected: <split>_fixed (v2), else <split> (v1)
+    volume_dirs: dict[str, str] = field(default_factory=dict)
     reports_csv: dict[str, str] = field(
         default_factory=lambda: {
             "train": "radiology_text_reports/train_reports.csv",
@@ -89,13 +90,20 @@ class DataConfig:
             "valid": "metadata/validation_metadata.csv",
         }
     )
-    text_fields: list[str] = field(default_factory=lambda: ["Findings_EN", "Impressions_EN"])
+    # report columns joined into a volume's text, per split (CT-CLIP's choice) or one list for every split
+    text_fields: dict[str, list[str]] | list[str] = field(
+        default_factory=lambda: {"train": ["Findings_EN"], "valid": ["Findings_EN", "Impressions_EN"]}
+    )
+    drop_text: list[str] = field(default_factory=lambda: ["Not given."])  # report fields with this text are empty
+    # how stored values become HU: auto (decided per volume from the file's content), or forced for every volume
+    rescale: Literal["auto", "metadata", "header", "none"] = "auto"
     target_spacing: list[float] = field(default_factory=lambda: [1.5, 0.75, 0.75])  # mm, (D, H, W)
     target_shape: list[int] = field(default_factory=lambda: [240, 480, 480])  # voxels, (D, H, W)
     hu_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
     cache_dtype: Literal["float16", "int16"] = "float16"
-    subset_fraction: float = 1.0
+    subset_fraction: float = 1.0  # a seeded random part of every split
     subset_seed: int = 0
+    subset: Literal["seeded", "ctclip_first80"] = "seeded"  # ctclip_first80: first 80 % of train, as CT-CLIP
     num_workers: int = 0
     pin_memory: bool = True
     prefetch_factor: int = 2
@@ -261,6 +269,8 @@ def validate(cfg: Config) -> Config:
         (len(cfg.data.hu_window) == 2 and cfg.data.hu_window[0] < cfg.data.hu_window[1],
          "data.hu_window: needs [low, high] with low < high"),
         (0.0 < cfg.data.subset_fraction <= 1.0, "data.subset_fraction: must be in (0, 1]"),
+        (all(cfg.data.text_fields.values()) if isinstance(cfg.data.text_fields, dict) else bool(cfg.data.text_fields),
+         "data.text_fields: name at least one report column per split, e.g. {train: [Findings_EN]}"),
         (cfg.train.batch_size >= 1, "train.batch_size: must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum: must be >= 1"),
         (cfg.train.lr > 0, "train.lr: must be > 0"),

@@ -25,11 +25,26 @@ def data_config(root: Path, cache: Path, *overrides: str) -> DataConfig:
     ]).data
 
 
-def write_nifti(path: Path, data: np.ndarray, zooms=(1.0, 1.0, 1.0), slope: float = 1.0, inter: float = 0.0) -> Path:
-    """Write ``data`` (NIfTI axis order) with voxel sizes ``zooms`` and header scaling."""
-    affine = np.diag([*zooms[:3], 1.0]) if data.ndim >= 3 else np.eye(4)
+WORLD_AXIS = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+
+
+def affine_for(axcodes: str, zooms=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """The NIfTI (RAS+) affine of an array whose axes run towards ``axcodes`` (nibabel's letters, e.g. "LPS")."""
+    affine = np.eye(4)
+    affine[:3, :3] = 0.0
+    for axis, code in enumerate(axcodes):
+        row, sign = WORLD_AXIS[code]
+        affine[row, axis] = sign * zooms[axis]
+    return affine
+
+
+def write_nifti(path: Path, data: np.ndarray, zooms=(1.0, 1.0, 1.0), slope: float | None = 1.0,
+                inter: float | None = 0.0, axcodes: str = "LPS") -> Path:
+    """Write ``data`` (NIfTI axis order, oriented ``axcodes``, LPS as CT-RATE) with voxel sizes ``zooms`` and
+    header scaling ``slope``/``inter`` (None: a blank header, scl_slope = NaN)."""
+    affine = affine_for(axcodes, zooms) if data.ndim >= 3 else np.eye(4)
     image = nib.Nifti1Image(data, affine)
-    image.header.set_slope_inter(slope, inter)
+    image.header.set_slope_inter(np.nan if slope is None else slope, np.nan if inter is None else inter)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, path)
     return path

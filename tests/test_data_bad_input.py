@@ -68,6 +68,10 @@ def test_each_bad_input_is_skipped_with_one_warning_and_counted(dataset_copy, tm
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 9
     for file, reason in expected.items():
+        if reason == "missing_file":  # summarised in one line per split
+            mine = [w for w in warnings if "1 volume(s) listed in the reports CSV have no file" in w]
+            assert len(mine) == 1 and file in mine[0] and mine[0].startswith("train:")
+            continue
         mine = [w for w in warnings if f"skipping {file}:" in w]
         assert len(mine) == 1, file
         assert reason in mine[0] and SKIP_REASONS[reason] in mine[0]
@@ -121,3 +125,24 @@ def test_bad_label_values_are_skipped(dataset_copy, tmp_path):
     frame.to_csv(path, index=False)
     summary = prepare(data_config(dataset_copy, tmp_path / "cache"), splits=("valid",), progress=False)
     assert summary.splits["valid"].skipped == {"bad_labels": 1}
+
+
+def test_a_partial_download_is_summarised_in_one_line_per_split(dataset_copy, tmp_path, caplog):
+    files = _train_files(dataset_copy)
+    for path in files[:7]:
+        path.unlink()
+    (dataset_copy / "valid" / "valid_1" / "valid_1_a" / "valid_1_a_1.nii.gz").unlink()
+    cfg = data_config(dataset_copy, tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="core.data.cache"):
+        summary = prepare(cfg, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    first = ", ".join(sorted(p.name for p in files[:7])[:5])
+    assert warnings == [
+        f"train: 7 volume(s) listed in the reports CSV have no file under the volume folder (a partial download?), "
+        f"skipped as missing_file: {first}, ...",
+        "valid: 1 volume(s) listed in the reports CSV have no file under the volume folder (a partial download?), "
+        "skipped as missing_file: valid_1_a_1.nii.gz",
+    ]
+    assert summary.splits["train"].skipped == {"missing_file": 7} and summary.splits["train"].volumes == 3
+    text = summary.format()
+    assert text.count("have no file") == 2 and "skipped train_" not in text

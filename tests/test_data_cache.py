@@ -37,7 +37,7 @@ def test_round_trip_items_are_aligned_with_their_volume(dataset_copy, tmp_path):
         assert item["volume"].shape == (1, *SHAPE) and item["volume"].dtype == torch.float32
         assert item["volume"].min() >= -1.0 and item["volume"].max() <= 1.0
         row = report_rows.loc[item["name"]]
-        assert item["text"] == f"{row.Findings_EN} {row.Impressions_EN}"
+        assert item["text"] == row.Findings_EN  # training text: the Findings, as CT-CLIP
         expected = torch.tensor(label_rows.loc[item["name"], list(PATHOLOGIES)].to_numpy(dtype=np.float32))
         assert item["labels"].dtype == torch.float32 and torch.equal(item["labels"], expected)
         r = records[item["name"]]  # the cached volume is this name's file, preprocessed

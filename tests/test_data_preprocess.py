@@ -1,12 +1,12 @@
-"""Preprocessing: HU conversion, resampling, HU window, crop/pad and the NIfTI → (D, H, W) axis order."""
+"""Preprocessing: HU conversion, resampling, HU window, crop/pad and the NIfTI → canonical (D, H, W) axis order."""
 
 import numpy as np
 import pytest
 import torch
 
 from core.data.ctrate import parse_xy_spacing
+from core.data.orientation import LPS_TO_DHW
 from core.data.preprocess import (
-    NIFTI_TO_DHW,
     Preprocessing,
     crop_or_pad,
     decode,
@@ -34,20 +34,25 @@ def test_hu_from_header_scaling_matches_hand_computed_voxels(tmp_path):
     volume = load_nifti(path)
     assert volume.slope == 0.5 and volume.intercept == -1024.0
     hu = to_hu(volume.raw, volume.slope, volume.intercept)
-    # volume is (D, H, W) = (k, j, i)
+    # stored LPS, so the volume is (D, H, W) = (k, i, j)
     assert hu[0, 0, 0] == -1024.0  # 0 × 0.5 − 1024
-    assert hu[3, 2, 1] == -512.0  # 1024 × 0.5 − 1024
-    assert hu[5, 4, 3] == 476.0  # 3000 × 0.5 − 1024
+    assert hu[3, 1, 2] == -512.0  # 1024 × 0.5 − 1024
+    assert hu[5, 3, 4] == 476.0  # 3000 × 0.5 − 1024
 
 
-def test_metadata_slope_intercept_win_over_the_header(tmp_path):
-    raw = np.full((4, 4, 4), 1000, dtype=np.int16)
-    path = write_nifti(tmp_path / "v.nii.gz", raw, slope=1.0, inter=0.0)
-    prep = Preprocessing((1.0, 1.0, 1.0), (4, 4, 4), WIDE)
-    from_metadata = _back_to_hu(preprocess_file(path, prep, slope=2.0, intercept=-1024.0))
-    from_header = _back_to_hu(preprocess_file(path, prep))
-    np.testing.assert_allclose(from_metadata, 2.0 * 1000 - 1024, atol=0.05)
-    np.testing.assert_allclose(from_header, 1000.0, atol=0.05)
+@pytest.mark.parametrize("mode, air_raw, body_hu", [
+    ("metadata", 12, 2.0 * 1000 - 1024),  # the CSV's 2 / −1024 on the stored values, header ignored
+    ("header", -1952, 0.5 * 1000 - 24),  # the header's 0.5 / −24, the CSV ignored
+    ("none", -1000, 1000.0),  # stored values taken as HU
+])
+def test_forced_rescale_reads_the_stored_values_that_way(tmp_path, mode, air_raw, body_hu):
+    raw = np.full((8, 8, 8), air_raw, dtype=np.int16)  # air (−1000 HU) under this reading
+    raw[2:-2, 2:-2, 2:-2] = 1000
+    path = write_nifti(tmp_path / "v.nii.gz", raw, slope=0.5, inter=-24.0)
+    prep = Preprocessing((1.0, 1.0, 1.0), (8, 8, 8), WIDE, rescale=mode)
+    out = _back_to_hu(preprocess_file(path, prep, slope=2.0, intercept=-1024.0))
+    assert out[4, 4, 4] == pytest.approx(body_hu, abs=0.2)
+    assert out[0, 0, 0] == pytest.approx(-1000.0, abs=0.2)
 
 
 def test_window_clips_and_scales_to_unit_range():
@@ -92,35 +97,37 @@ def test_odd_crop_and_pad_put_the_extra_voxel_at_the_end():
     np.testing.assert_array_equal(crop_or_pad(volume, (8, 1, 1))[:, 0, 0], [-1, 0, 1, 2, 3, 4, -1, -1])
 
 
-def test_axis_order_nifti_ijk_becomes_dhw_kji(tmp_path):
-    """data[i, j, k] (columns, rows, slices) must land at volume[k, j, i] (D, H, W)."""
+def test_axis_order_lps_ijk_becomes_dhw_kij_as_ctclip(tmp_path):
+    """An LPS-stored data[i, j, k] (right→left, anterior→posterior, slices) lands at volume[k, i, j]:
+    CT-CLIP's permute(2, 0, 1) of CT-RATE's array."""
     x, y, z = 6, 5, 4  # asymmetric so any wrong transpose changes the shape
-    data = np.zeros((x, y, z), dtype=np.int16)
+    data = np.full((x, y, z), -1000, dtype=np.int16)  # air
     data[1, 3, 2] = 1000  # a single marked voxel
     data[4, 0, 0] = 500
     path = write_nifti(tmp_path / "asym.nii.gz", data, zooms=(0.5, 0.7, 2.0))
     volume = load_nifti(path)
-    assert NIFTI_TO_DHW == (2, 1, 0)
-    assert volume.raw.shape == (z, y, x)
-    assert volume.spacing == pytest.approx((2.0, 0.7, 0.5))  # header zooms (x, y, z) → (D, H, W)
-    out = _back_to_hu(preprocess_file(path, Preprocessing((2.0, 0.7, 0.5), (z, y, x), WIDE)))
-    assert out.shape == (4, 5, 6)
-    assert out[2, 3, 1] == pytest.approx(1000.0, abs=0.1)
-    assert out[0, 0, 4] == pytest.approx(500.0, abs=0.1)
-    assert np.count_nonzero(np.abs(out) > 1) == 2
+    assert LPS_TO_DHW == (2, 0, 1)
+    assert volume.raw.shape == (z, x, y)
+    assert volume.spacing == pytest.approx((2.0, 0.5, 0.7))  # header zooms (x, y, z) → (D, H, W) = (z, x, y)
+    out = _back_to_hu(preprocess_file(path, Preprocessing((2.0, 0.5, 0.7), (z, x, y), WIDE)))
+    assert out.shape == (4, 6, 5)
+    assert out[2, 1, 3] == pytest.approx(1000.0, abs=0.1)
+    assert out[0, 4, 0] == pytest.approx(500.0, abs=0.1)
+    assert np.count_nonzero(out > -0.2) == 2
 
 
 def test_spacing_from_metadata_resamples_the_right_axes(tmp_path):
-    data = np.zeros((6, 5, 4), dtype=np.int16)  # (x=W, y=H, z=D)
+    data = np.full((6, 5, 4), -1000, dtype=np.int16)  # LPS (x=H, y=W, z=D), air
+    data[0, 0, 0] = 0  # not constant
     path = write_nifti(tmp_path / "v.nii.gz", data, zooms=(1.0, 1.0, 1.0))
     prep = Preprocessing((1.0, 1.0, 1.0), (100, 100, 100), WIDE)
-    out = preprocess_file(path, prep, spacing=(3.0, 2.0, 1.0))  # metadata (Z, XY[0], XY[1]) = (D, H, W)
-    # resampled to (4*3, 5*2, 6*1) = (12, 10, 6) voxels of HU 0 (→ 0.0), then centre-padded with -1 to 100³
+    out = preprocess_file(path, prep, spacing=(3.0, 2.0, 1.0))  # model order (D, H, W) = (Z, XY[1], XY[0])
+    # resampled to (4*3, 6*2, 5*1) = (12, 12, 5) voxels, then centre-padded with -1 to 100³
     assert out.shape == (100, 100, 100)
-    inside = np.argwhere(np.isclose(out, 0.0))
-    assert len(inside) == 12 * 10 * 6
-    assert tuple(inside.max(axis=0) - inside.min(axis=0) + 1) == (12, 10, 6)
-    assert tuple(inside.min(axis=0)) == (44, 45, 47)  # (100-12)//2, (100-10)//2, (100-6)//2
+    inside = np.argwhere(out > -0.99)
+    assert len(inside) == 12 * 12 * 5
+    assert tuple(inside.max(axis=0) - inside.min(axis=0) + 1) == (12, 12, 5)
+    assert tuple(inside.min(axis=0)) == (44, 44, 47)  # (100-12)//2, (100-12)//2, (100-5)//2
 
 
 def test_xy_spacing_parses_ctrate_strings():

@@ -4,11 +4,12 @@ Layout under ``data.cache_dir``::
 
     <tag>/config.json                          the preprocessing settings the tag stands for
     <tag>/<split>/volumes/<stem>.<vkey>.npy    one preprocessed volume (D, H, W), float16 or int16
+    <tag>/<split>/volumes/<stem>.<vkey>.hu.json     how its stored values were read as HU
     <tag>/<split>/volumes/<stem>.<vkey>.skip.json   why that source file could not be used
     <tag>/<split>/index-<lkey>.json            VolumeName, file, text, labels per usable volume
     <tag>/<split>/summary-<lkey>.json          counts and the skipped files with their reasons
 
-``tag`` hashes the preprocessing settings (spacing, shape, HU window, dtype)
+``tag`` hashes the preprocessing settings (spacing, shape, HU window, rescale, dtype)
 with the resolved root, so changing any of them selects another folder and
 stale data is never served. ``vkey`` hashes one source file's identity (path,
 size, mtime) with the metadata that shapes its values (slope, intercept,
@@ -38,13 +39,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from core.config import DataConfig
-from core.data.ctrate import NIFTI_SUFFIX, Skip, SplitListing, VolumeRecord, read_split
-from core.data.preprocess import BadVolume, Preprocessing, encode, preprocess_file
+from core.data.ctrate import NIFTI_SUFFIX, Skip, SplitListing, VolumeRecord, read_split, text_fields
+from core.data.intensity import RESCALE_PATHS
+from core.data.preprocess import BadVolume, Preprocessing, decode_file, encode, preprocess_array
 from core.registry import ConfigError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when preprocessing code changes what a cached volume holds
+CACHE_VERSION = 2  # bump when preprocessing code changes what a cached volume holds
 
 
 def _digest(payload: Any, length: int = 16) -> str:
@@ -60,6 +62,7 @@ def cache_settings(cfg: DataConfig) -> dict[str, Any]:
         "target_spacing": list(prep.target_spacing),
         "target_shape": list(prep.target_shape),
         "hu_window": list(prep.hu_window),
+        "rescale": prep.rescale,
         "cache_dtype": cfg.cache_dtype,
     }
 
@@ -86,7 +89,8 @@ def listing_key(cfg: DataConfig, split: str) -> str:
     return _digest({
         "volumes": cfg.volume_dirs.get(split), "reports": cfg.reports_csv.get(split),
         "labels": cfg.labels_csv.get(split), "metadata": cfg.metadata_csv.get(split),
-        "text_fields": cfg.text_fields, "subset": [cfg.subset_fraction, cfg.subset_seed],
+        "text_fields": text_fields(cfg, split), "drop_text": cfg.drop_text,
+        "subset": [cfg.subset_fraction, cfg.subset_seed, cfg.subset if split == "train" else "seeded"],
     }, 8)
 
 
@@ -125,6 +129,7 @@ class SplitSummary:
     skipped: dict[str, int] = field(default_factory=dict)  # reason → count
     skipped_files: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason", "detail"}
     index: str = ""
+    rescale: dict[str, int] = field(default_factory=dict)  # how HU were read (intensity.RESCALE_PATHS) → volumes
 
     @property
     def skipped_total(self) -> int:
@@ -162,11 +167,29 @@ class PrepareSummary:
             reasons = ", ".join(f"{r} {n}" for r, n in sorted(s.skipped.items())) or "none"
             lines.append(f"{s.split}: {s.volumes} volumes ready ({s.processed} preprocessed now, "
                          f"{s.reused} reused); skipped {s.skipped_total}: {reasons}")
-            lines += [f"  skipped {f['file']}: {f['reason']} {f['detail']}".rstrip()
-                      for f in s.skipped_files[:max_files]]
-            if len(s.skipped_files) > max_files:
-                lines.append(f"  ... and {len(s.skipped_files) - max_files} more in {Path(s.index).parent}")
+            if s.rescale:
+                lines.append(f"  HU read: {rescale_counts(s.rescale)}")
+            missing = [f["file"] for f in s.skipped_files if f["reason"] == "missing_file"]
+            if missing:
+                lines.append(f"  {missing_line(missing)}")
+            named = [f for f in s.skipped_files if f["reason"] != "missing_file"]
+            lines += [f"  skipped {f['file']}: {f['reason']} {f['detail']}".rstrip() for f in named[:max_files]]
+            if len(named) > max_files:
+                lines.append(f"  ... and {len(named) - max_files} more in {Path(s.index).parent}")
         return "\n".join(lines)
+
+
+def rescale_counts(counts: dict[str, int]) -> str:
+    """``{"header": 3, "none": 2}`` → "3 by the NIfTI header's scaling, 2 stored values already in HU"."""
+    return ", ".join(f"{n} by {RESCALE_PATHS.get(path, path)}" if path != "none" else f"{n} {RESCALE_PATHS[path]}"
+                     for path, n in sorted(counts.items()))
+
+
+def missing_line(names: list[str], first: int = 5) -> str:
+    """One line for the listed volumes without a file (a partial download): the count and the first names."""
+    shown = ", ".join(names[:first]) + (", ..." if len(names) > first else "")
+    return (f"{len(names)} volume(s) listed in the reports CSV have no file under the volume folder "
+            f"(a partial download?), skipped as missing_file: {shown}")
 
 
 # --------------------------------------------------------------------------- work items
@@ -195,22 +218,29 @@ def volume_key(record: VolumeRecord) -> str:
                     record.slope, record.intercept, record.spacing])
 
 
-def _prepare_volume(task: _Task) -> tuple[str, str]:
+def _hu_note(out: Path) -> Path:
+    """The small JSON beside a cached volume that records how its HU were read."""
+    return out.with_name(out.name[: -len(".npy")] + ".hu.json")
+
+
+def _prepare_volume(task: _Task) -> tuple[str, str, str]:
     """Preprocess one file into ``task.out`` (atomically); on a bad file write ``task.marker`` instead.
 
-    Returns ("", "") on success, else (reason, detail).
+    Returns ("", "", rescale) on success (rescale: how its HU were read), else (reason, detail, "").
     """
     try:
-        volume = preprocess_file(task.source, task.prep, task.slope, task.intercept, task.spacing)
+        decoded = decode_file(task.source, task.prep, task.slope, task.intercept, task.spacing)
+        volume = preprocess_array(decoded.hu, decoded.spacing, task.prep)
     except BadVolume as bad:
         _write_json(Path(task.marker), {"reason": bad.reason, "detail": bad.detail})
-        return bad.reason, bad.detail
+        return bad.reason, bad.detail, ""
     out = Path(task.out)
+    _write_json(_hu_note(out), {"rescale": decoded.rescale})
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
         np.save(handle, encode(volume, task.dtype))
     os.replace(tmp, out)
-    return "", ""
+    return "", "", decoded.rescale
 
 
 def _init_worker() -> None:
@@ -222,9 +252,9 @@ def _init_worker() -> None:
 INLINE_BELOW = 32  # with workers=None, fewer volumes than this are done in-process (no pool start-up)
 
 
-def _run(tasks: list[_Task], workers: int | None, progress: bool) -> dict[str, tuple[str, str]]:
+def _run(tasks: list[_Task], workers: int | None, progress: bool) -> dict[str, tuple[str, str, str]]:
     """Run ``tasks`` inline or in worker processes, with a progress bar; returns out path → result."""
-    results: dict[str, tuple[str, str]] = {}
+    results: dict[str, tuple[str, str, str]] = {}
     if workers is None:
         workers = (os.cpu_count() or 1) if len(tasks) >= INLINE_BELOW else 1
     bar = tqdm(total=len(tasks), desc="prepare", unit="vol", disable=not progress or not tasks)
@@ -289,7 +319,7 @@ def check_free_space(cfg: DataConfig, volumes: int, folder: Path) -> None:
 
 def _remove_stale(volumes: Path, outputs: list[tuple[VolumeRecord, Path, Path]]) -> None:
     """Delete older versions of the listed volumes (same stem, another vkey) and orphaned temp files."""
-    current = {p.name for _, out, marker in outputs for p in (out, marker)}
+    current = {p.name for _, out, marker in outputs for p in (out, marker, _hu_note(out))}
     stems = {_stem(record.name) for record, _, _ in outputs}
     for path in volumes.iterdir():
         stale_version = path.name.split(".")[0] in stems and path.name not in current and ".tmp-" not in path.name
@@ -298,26 +328,41 @@ def _remove_stale(volumes: Path, outputs: list[tuple[VolumeRecord, Path, Path]])
             path.unlink(missing_ok=True)
 
 
-def _finish(cfg: DataConfig, split: str, plan: _Plan, results: dict[str, tuple[str, str]]) -> SplitSummary:
-    """Write the split's index and summary from the finished files; warn once per skipped file."""
+def _read_hu_note(out: Path) -> str:
+    note = _hu_note(out)
+    return json.loads(note.read_text()).get("rescale", "unknown") if note.is_file() else "unknown"
+
+
+def _finish(cfg: DataConfig, split: str, plan: _Plan, results: dict[str, tuple[str, str, str]]) -> SplitSummary:
+    """Write the split's index and summary from the finished files; warn once per skipped file, and once
+    per split for all the listed volumes without a file."""
     folder = cache_path(cfg) / split
     entries, skips = [], list(plan.listing.skipped)
     for record, out, marker in plan.outputs:
         if out.is_file():
+            done = results.get(str(out))
             entries.append({"name": record.name, "file": f"volumes/{out.name}", "text": record.text,
                             "labels": list(record.labels), "source": str(record.path),
-                            "source_bytes": record.path.stat().st_size})
+                            "source_bytes": record.path.stat().st_size,
+                            "rescale": done[2] if done else _read_hu_note(out)})
         else:
-            reason, detail = results.get(str(out)) or _read_marker(marker)
+            reason, detail = (results.get(str(out)) or (*_read_marker(marker), ""))[:2]
             skips.append(Skip(str(record.path), reason, detail))
+    missing = [skip.file for skip in skips if skip.reason == "missing_file"]
+    if missing:
+        log.warning("%s: %s", split, missing_line(missing))
     for skip in skips:
-        log.warning(skip.message())
+        if skip.reason != "missing_file":
+            log.warning(skip.message())
+    rescale = dict(sorted(Counter(entry["rescale"] for entry in entries).items()))
+    if rescale:
+        log.info("%s: HU read: %s", split, rescale_counts(rescale))
     processed = sum(1 for task in plan.todo if not results[task.out][0])
     summary = SplitSummary(
         split=split, volumes=len(entries), processed=processed, reused=len(entries) - processed,
         skipped=dict(sorted(Counter(s.reason for s in skips).items())),
         skipped_files=[{"file": s.file, "reason": s.reason, "detail": s.detail} for s in skips],
-        index=str(index_path(cfg, split)),
+        index=str(index_path(cfg, split)), rescale=rescale,
     )
     _write_json(index_path(cfg, split), {
         "split": split, "tag": cache_tag(cfg), "listing": listing_key(cfg, split),
@@ -325,7 +370,7 @@ def _finish(cfg: DataConfig, split: str, plan: _Plan, results: dict[str, tuple[s
     })
     _write_json(summary_path(cfg, split), {
         "split": split, "cache": str(folder), "volumes": summary.volumes, "skipped": summary.skipped,
-        "skipped_files": summary.skipped_files,
+        "skipped_files": summary.skipped_files, "rescale": summary.rescale,
     })
     if cfg.subset_fraction >= 1.0:
         _remove_stale(folder / "volumes", plan.outputs)

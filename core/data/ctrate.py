@@ -2,12 +2,13 @@
 
 A root (CT-RATE's ``dataset/`` folder) holds, per split::
 
-    train/train_1/train_1_a/train_1_a_1.nii.gz          volumes (data.volume_dirs)
+    train_fixed/train_1/train_1_a/train_1_a_1.nii.gz    volumes: v2 (the current release); v1 has train/
+                                                        (data.volume_dirs; detected when not set)
     radiology_text_reports/train_reports.csv            VolumeName, ClinicalInformation_EN, Technique_EN,
                                                         Findings_EN, Impressions_EN (data.reports_csv)
     multi_abnormality_labels/train_predicted_labels.csv VolumeName + the 18 pathology columns (data.labels_csv)
-    metadata/train_metadata.csv                         VolumeName, RescaleSlope, RescaleIntercept,
-                                                        XYSpacing ("[0.75, 0.75]"), ZSpacing, ... (data.metadata_csv)
+    metadata/train_metadata.csv                         44 columns incl. RescaleSlope, RescaleIntercept,
+                                                        XYSpacing ("[0.75, 0.75]"), ZSpacing (data.metadata_csv)
 
 ``read_split`` joins them on VolumeName without decoding any volume. The
 candidates are the volume files on disk and the rows of the reports CSV; a
@@ -15,6 +16,10 @@ candidate that cannot be used (file missing, no report, no label row) is a
 ``Skip`` with a reason code, never an exception. A missing root, folder or
 CSV, or a CSV without its required columns, is a ``ConfigError`` instead:
 those are set-up mistakes, not bad volumes.
+
+Text, as CT-CLIP: training reports are the Findings, validation reports
+Findings + Impressions (``data.text_fields``, per split), and a field that
+says only "Not given." counts as empty (``data.drop_text``).
 """
 
 from __future__ import annotations
@@ -45,7 +50,12 @@ SKIP_REASONS: dict[str, str] = {
     "bad_dims": "not a 3D volume",
     "non_finite": "NaN or infinite voxel values",
     "bad_spacing": "the voxel spacing is not a positive number",
+    "implausible_hu": "its values, read as HU, are not a chest CT (blank, saturated or without air)",
+    "no_rescale": "data.rescale is metadata but the metadata CSV has no rescale for it",
 }
+# Layouts of the volume folders, newest first: CT-RATE v2 (``train_fixed``), v1 (``train``).
+LAYOUTS: dict[str, str] = {"v2": "{split}_fixed", "v1": "{split}"}
+CTCLIP_TRAIN_SHARE = 80  # percent: CT-CLIP keeps the first int(n × 80 / 100) training samples
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,9 @@ class VolumeRecord:
 
     ``slope``, ``intercept`` and ``spacing`` come from the metadata CSV; None
     means "no usable metadata row, read it from the NIfTI header".
-    ``spacing`` is in mm, (D, H, W) = (ZSpacing, XYSpacing[0], XYSpacing[1]).
+    ``spacing`` is in mm in the canonical model order (D, H, W) = (slices, right → left,
+    anterior → posterior) = (ZSpacing, XYSpacing[1], XYSpacing[0]): DICOM's PixelSpacing is
+    (row spacing, column spacing), i.e. (anterior-posterior, right-left) for an axial scan.
     """
 
     name: str
@@ -143,18 +155,44 @@ def _metadata(row: pd.Series | None) -> tuple[float | None, float | None, tuple[
     if slope is None or intercept is None or slope == 0:
         slope = intercept = None
     xy, z = parse_xy_spacing(row["XYSpacing"]), _finite(row["ZSpacing"])
-    spacing = (z, xy[0], xy[1]) if xy is not None and z is not None and z > 0 else None
+    spacing = (z, xy[1], xy[0]) if xy is not None and z is not None and z > 0 else None
     return slope, intercept, spacing
 
 
-def report_text(row: pd.Series, fields: list[str]) -> str:
-    """The report text a model sees: the configured fields (Findings + Impressions) joined by a space."""
+def report_text(row: pd.Series, fields: list[str], drop: tuple[str, ...] | list[str] = ("Not given.",)) -> str:
+    """The report text a model sees: the non-empty ``fields`` joined by a space; a field that is only one of
+    ``drop`` ("Not given.") counts as empty, as in CT-CLIP's validation loader."""
     parts = []
     for name in fields:
         value = row[name]
-        if isinstance(value, str) and value.strip():
+        if isinstance(value, str) and value.strip() and value.strip() not in drop:
             parts.append(value.strip())
     return " ".join(parts)
+
+
+def text_fields(cfg: DataConfig, split: str) -> list[str]:
+    """The report columns of ``split``'s text: ``data.text_fields[split]``, or the one list given for all splits."""
+    if isinstance(cfg.text_fields, list):
+        return list(cfg.text_fields)
+    return list(_split_setting(cfg.text_fields, split, "text_fields"))
+
+
+def volume_dir(cfg: DataConfig, split: str) -> Path:
+    """The split's volume folder: ``data.volume_dirs[split]`` when set, else the first of ``<split>_fixed``
+    (CT-RATE v2) and ``<split>`` (v1) that exists; ConfigError naming what was looked for."""
+    root = Path(cfg.root)
+    if split in cfg.volume_dirs:
+        folder = root / cfg.volume_dirs[split]
+        if not folder.is_dir():
+            raise ConfigError(f"data.volume_dirs.{split}: folder '{folder}' does not exist")
+        return folder
+    candidates = {layout: root / pattern.format(split=split) for layout, pattern in LAYOUTS.items()}
+    for folder in candidates.values():
+        if folder.is_dir():
+            return folder
+    looked = " nor ".join(f"'{folder}' (CT-RATE {layout})" for layout, folder in candidates.items())
+    raise ConfigError(f"split '{split}': neither {looked} exists under data.root; point data.root at CT-RATE's "
+                      f"dataset folder or set data.volume_dirs.{split} to the folder holding its volumes")
 
 
 def _labels(row: pd.Series) -> tuple[float, ...] | None:
@@ -171,17 +209,21 @@ def check_root(cfg: DataConfig, split: str) -> dict[str, Path]:
         raise ConfigError(f"data.root '{root}' does not exist; create a synthetic CT-RATE with "
                           f"`ctlab data synth --out {root}` or point data.root at CT-RATE's dataset folder")
     paths = {
-        "volumes": root / _split_setting(cfg.volume_dirs, split, "volume_dirs"),
         "reports": root / _split_setting(cfg.reports_csv, split, "reports_csv"),
         "labels": root / _split_setting(cfg.labels_csv, split, "labels_csv"),
         "metadata": root / _split_setting(cfg.metadata_csv, split, "metadata_csv"),
     }
-    if not paths["volumes"].is_dir():
-        raise ConfigError(f"data.volume_dirs.{split}: folder '{paths['volumes']}' does not exist")
+    paths["volumes"] = volume_dir(cfg, split)
     for key in ("reports", "labels", "metadata"):
         if not paths[key].is_file():
             raise ConfigError(f"data.{key}_csv.{split}: '{paths[key]}' does not exist")
     return paths
+
+
+def ctclip_first80(names: list[str]) -> list[str]:
+    """CT-CLIP's training list: the first ``int(n × 80 / 100)`` of ``names`` in listing order (sorted here;
+    CT-CLIP's own order is its file system's glob order)."""
+    return names[: int(len(names) * CTCLIP_TRAIN_SHARE / 100)]
 
 
 def _subset(names: list[str], fraction: float, seed: int) -> list[str]:
@@ -197,16 +239,22 @@ def read_split(cfg: DataConfig, split: str) -> SplitListing:
     """Join one split's volume files and CSVs on VolumeName (no volume is decoded).
 
     Candidates = volume files found under the split folder ∪ rows of the
-    reports CSV, sorted; ``data.subset_fraction`` keeps a seeded random part
-    of them. Each candidate becomes a ``VolumeRecord`` or a ``Skip``.
+    reports CSV, sorted. ``data.subset: ctclip_first80`` keeps, for train,
+    the first 80 % of the files that have a report (CT-CLIP's list);
+    ``data.subset_fraction`` then keeps a seeded random part. Each candidate
+    becomes a ``VolumeRecord`` or a ``Skip``.
     """
     paths = check_root(cfg, split)
-    reports = _read_csv(paths["reports"], ["VolumeName", *cfg.text_fields], f"data.reports_csv.{split}")
+    fields = text_fields(cfg, split)
+    reports = _read_csv(paths["reports"], ["VolumeName", *fields], f"data.reports_csv.{split}")
     labels = _read_csv(paths["labels"], ["VolumeName", *PATHOLOGIES], f"data.labels_csv.{split}")
     metadata = _read_csv(paths["metadata"], METADATA_COLUMNS, f"data.metadata_csv.{split}")
 
     files = {volume_name(p): p for p in sorted(paths["volumes"].rglob(f"*{NIFTI_SUFFIX}")) if p.is_file()}
-    names = _subset(sorted(set(files) | set(reports.index)), cfg.subset_fraction, cfg.subset_seed)
+    names = sorted(set(files) | set(reports.index))
+    if cfg.subset == "ctclip_first80" and split == "train":
+        names = ctclip_first80([name for name in names if name in files and name in reports.index])
+    names = _subset(names, cfg.subset_fraction, cfg.subset_seed)
 
     records, skipped = [], []
     for name in names:
@@ -214,7 +262,7 @@ def read_split(cfg: DataConfig, split: str) -> SplitListing:
         if path is None:
             skipped.append(Skip(name, "missing_file", f"no {name} under {paths['volumes']}"))
             continue
-        text = report_text(reports.loc[name], cfg.text_fields) if name in reports.index else ""
+        text = report_text(reports.loc[name], fields, cfg.drop_text) if name in reports.index else ""
         if not text:
             skipped.append(Skip(str(path), "no_report", f"in {paths['reports']}"))
             continue

@@ -1,19 +1,22 @@
-"""CT-CLIP's volume preprocessing: NIfTI → HU → target spacing → HU window → [-1, 1] → centre crop / pad.
+"""CT-CLIP's volume preprocessing: NIfTI → canonical orientation → HU → target spacing → HU window → [-1, 1]
+→ centre crop / pad.
 
-Axis order. nibabel returns the stored voxel array as ``data[i, j, k]``: ``i``
-runs along the image columns (x), ``j`` along the rows (y) and ``k`` across
-the slices (z). The model wants (D, H, W) = (slices, rows, columns), so the
-array is transposed with axes ``(2, 1, 0)``: ``volume[k, j, i] = data[i, j, k]``,
-and a model input is ``volume[None]`` = (C=1, D, H, W). (CT-CLIP's own loader
-uses ``transpose(2, 0, 1)``, i.e. (slices, columns, rows): the same volume
-transposed in-plane.) The stored orientation is kept as is, as CT-CLIP does;
-no reorientation by the affine.
+Axis order. Every volume is reoriented by its affine
+(``core.data.orientation``) to the model's canonical (D, H, W) = (slices
+inferior → superior, patient right → left, anterior → posterior): the order
+CT-CLIP's model saw (its loaders feed ``permute(2, 0, 1)`` of CT-RATE's LPS
+array), whatever orientation the file is stored in. A model input is
+``volume[None]`` = (C=1, D, H, W).
+
+Intensities. The stored values become HU by the reading
+``core.data.intensity`` decides per volume from the file's content (header
+scaling, the metadata CSV's rescale, or already HU; ``data.rescale`` forces
+one), and a volume that is not a plausible chest CT in HU is skipped.
 
 Spacing comes from the metadata CSV (ZSpacing, XYSpacing) when it has a row
-for the volume, else from the header's voxel sizes; HU from the metadata's
-RescaleSlope/RescaleIntercept, else the header's ``scl_slope``/``scl_inter``.
-Resampling is trilinear (``torch.nn.functional.interpolate``, as CT-CLIP)
-to ``round(shape × spacing / target_spacing)`` voxels.
+for the volume, else from the header's voxel sizes. Resampling is trilinear
+(``torch.nn.functional.interpolate``, as CT-CLIP) to
+``round(shape × spacing / target_spacing)`` voxels.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from core.config import DataConfig
+from core.data.intensity import IntensityError, Rescale, decode_hu
+from core.data.orientation import to_canonical
 
-NIFTI_TO_DHW = (2, 1, 0)  # data[i, j, k] (columns, rows, slices) → volume[k, j, i] (D, H, W)
 INT16_SCALE = 32767.0  # int16 cache: round(value × INT16_SCALE) for values in [-1, 1]
 
 
@@ -48,26 +52,34 @@ class Preprocessing:
     target_spacing: tuple[float, float, float]
     target_shape: tuple[int, int, int]
     hu_window: tuple[float, float]
+    rescale: str = "auto"  # data.rescale: how stored values become HU (core.data.intensity)
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> Preprocessing:
         """The preprocessing part of a DataConfig."""
         return cls(tuple(map(float, cfg.target_spacing)), tuple(map(int, cfg.target_shape)),
-                   (float(cfg.hu_window[0]), float(cfg.hu_window[1])))
+                   (float(cfg.hu_window[0]), float(cfg.hu_window[1])), rescale=cfg.rescale)
 
 
 @dataclass
 class NiftiVolume:
-    """A decoded NIfTI in model axis order: stored values (D, H, W), header scaling and spacing (mm, D, H, W)."""
+    """A decoded NIfTI in canonical model order: stored (unscaled) values (D, H, W), the header's scaling
+    (1 / 0 when the header has none) and the voxel sizes (mm, D, H, W)."""
 
     raw: np.ndarray
     slope: float
     intercept: float
     spacing: tuple[float, float, float]
 
+    @property
+    def header_rescale(self) -> Rescale:
+        """The header's scaling as a Rescale (identity when the header has none)."""
+        return Rescale(self.slope, self.intercept)
+
 
 def load_nifti(path: str | Path) -> NiftiVolume:
-    """Decode a NIfTI file to its unscaled voxel array in (D, H, W) order; ``BadVolume`` if unusable.
+    """Decode a NIfTI file to its unscaled voxel array, reoriented by its affine to (D, H, W); ``BadVolume``
+    if unusable.
 
     Trailing length-1 axes beyond the third (an (X, Y, Z, 1) file) are dropped;
     any other shape than 3D is ``bad_dims``.
@@ -78,8 +90,9 @@ def load_nifti(path: str | Path) -> NiftiVolume:
     try:
         image = nib.load(path)
         raw = np.asarray(image.dataobj.get_unscaled())
-        slope, intercept = float(image.dataobj.slope), float(image.dataobj.inter)
+        slope, intercept = float(image.dataobj.slope), float(image.dataobj.inter)  # 1 / 0 for a blank header
         zooms = tuple(float(z) for z in image.header.get_zooms())
+        affine = image.affine
     except Exception as err:  # nibabel, gzip and zlib raise many types for a corrupt or truncated file
         raise BadVolume("unreadable", f"{type(err).__name__}: {err}") from None
     while raw.ndim > 3 and raw.shape[-1] == 1:
@@ -88,13 +101,13 @@ def load_nifti(path: str | Path) -> NiftiVolume:
         raise BadVolume("bad_dims", f"array shape {raw.shape}, expected 3 axes (X, Y, Z)")
     if min(raw.shape) < 2:
         raise BadVolume("bad_dims", f"array shape {raw.shape} has an axis shorter than 2 voxels")
-    spacing = (zooms[2], zooms[1], zooms[0])
-    return NiftiVolume(raw.transpose(NIFTI_TO_DHW), slope, intercept, spacing)
+    canonical, spacing = to_canonical(raw, affine, zooms[:3])
+    return NiftiVolume(canonical, slope, intercept, spacing)
 
 
 def to_hu(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     """Stored values → Hounsfield units: ``raw × slope + intercept`` in float32; ``BadVolume`` on NaN/inf."""
-    hu = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    hu = Rescale(slope, intercept).apply(raw)
     if not np.isfinite(hu).all():
         bad = int(hu.size - np.isfinite(hu).sum())
         raise BadVolume("non_finite", f"{bad} of {hu.size} voxels are NaN or infinite")
@@ -145,20 +158,43 @@ def preprocess_array(hu: np.ndarray, spacing: tuple[float, ...], prep: Preproces
     return crop_or_pad(window(resampled, *prep.hu_window), prep.target_shape, pad_value=-1.0)
 
 
-def preprocess_file(path: str | Path, prep: Preprocessing, slope: float | None = None,
-                    intercept: float | None = None, spacing: tuple[float, float, float] | None = None) -> np.ndarray:
-    """Decode and preprocess one NIfTI; metadata values win over the header's when given.
+@dataclass
+class DecodedVolume:
+    """One file's checked HU volume in canonical (D, H, W) order, its spacing (mm) and how its HU were read."""
 
-    Returns float32 (D, H, W) in [-1, 1]; raises ``BadVolume`` for an unusable file.
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+    rescale: str  # a key of core.data.intensity.RESCALE_PATHS
+
+
+def decode_file(path: str | Path, prep: Preprocessing, slope: float | None = None, intercept: float | None = None,
+                spacing: tuple[float, float, float] | None = None) -> DecodedVolume:
+    """Read one NIfTI into checked HU: reoriented, intensities decoded per ``prep.rescale``; ``BadVolume`` if unusable.
+
+    ``slope`` / ``intercept`` are the metadata CSV's rescale and ``spacing``
+    its voxel sizes (D, H, W); None when the CSV has no row for the file.
     """
     volume = load_nifti(path)
-    if slope is None or intercept is None:
-        slope, intercept = volume.slope, volume.intercept
     if spacing is None:
         spacing = volume.spacing
     if not all(np.isfinite(s) and s > 0 for s in spacing):
         raise BadVolume("bad_spacing", f"voxel spacing {spacing} mm")
-    return preprocess_array(to_hu(volume.raw, slope, intercept), spacing, prep)
+    metadata = None if slope is None or intercept is None else Rescale(float(slope), float(intercept))
+    try:
+        hu, how = decode_hu(volume.raw, volume.header_rescale, metadata, prep.rescale, prep.hu_window)
+    except IntensityError as err:
+        raise BadVolume(err.reason, err.detail) from None
+    return DecodedVolume(hu, tuple(spacing), how)
+
+
+def preprocess_file(path: str | Path, prep: Preprocessing, slope: float | None = None,
+                    intercept: float | None = None, spacing: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Decode and preprocess one NIfTI (see ``decode_file``; metadata spacing wins over the header's).
+
+    Returns float32 (D, H, W) in [-1, 1]; raises ``BadVolume`` for an unusable file.
+    """
+    decoded = decode_file(path, prep, slope, intercept, spacing)
+    return preprocess_array(decoded.hu, decoded.spacing, prep)
 
 
 def encode(volume: np.ndarray, dtype: str) -> np.ndarray:

@@ -17,8 +17,10 @@ details the phantom drew. Everything is a function of (seed, split, index),
 so the output does not depend on the number of workers.
 
 Axes: volumes are built (D, H, W) = (z inferior→superior, y anterior→posterior,
-x patient right→left) and stored in NIfTI order (x, y, z) with an affine
-diag(+sx, -sy, +sz) (RAS+ world coordinates).
+x patient right→left) and stored as CT-RATE stores its volumes: NIfTI array
+(x, y, z), LPS (``nibabel.aff2axcodes`` gives ``('L', 'P', 'S')``), with the
+truthful affine diag(−sx, −sy, +sz) in RAS+ world coordinates (index i grows
+towards the patient's left, i.e. towards −x_RAS) centred on the origin.
 """
 
 from __future__ import annotations
@@ -190,8 +192,8 @@ def _write_volume(job: _VolumeJob) -> dict[str, Any]:
     slope, intercept = RESCALES[int(rng.integers(len(RESCALES)))]
     raw = np.round((hu - intercept) / slope).astype(np.int16).transpose(2, 1, 0)  # (D, H, W) → NIfTI (x, y, z)
     d, h, w = job.shape
-    affine = np.diag([spacing[2], -spacing[1], spacing[0], 1.0])
-    affine[:3, 3] = [-(w - 1) / 2 * spacing[2], (h - 1) / 2 * spacing[1], -(d - 1) / 2 * spacing[0]]
+    affine = np.diag([-spacing[2], -spacing[1], spacing[0], 1.0])  # LPS: i → left, j → posterior, k → superior
+    affine[:3, 3] = [(w - 1) / 2 * spacing[2], (h - 1) / 2 * spacing[1], -(d - 1) / 2 * spacing[0]]
     image = nib.Nifti1Image(raw, affine)
     image.header.set_data_dtype(np.int16)
     image.header.set_slope_inter(slope, intercept)
