@@ -61,6 +61,15 @@ def phantom_hu() -> np.ndarray:
     return hu
 
 
+def padded(hu: np.ndarray, value: float) -> np.ndarray:
+    """``hu`` with the air outside the in-plane reconstruction circle set to a scanner's padding ``value``."""
+    i, j = np.meshgrid(np.arange(LPS_SHAPE[0]), np.arange(LPS_SHAPE[1]), indexing="ij")
+    outside = ((i - 9.5) / 10) ** 2 + ((j - 7.5) / 8) ** 2 > 1
+    out = hu.copy()
+    out[outside[..., None] & (hu == -1000)] = value
+    return out
+
+
 def _variants() -> dict[str, dict]:
     """Storage variant → how it is written: stored array, header scaling, CSV rescale, orientation."""
     hu = phantom_hu()
@@ -74,6 +83,10 @@ def _variants() -> dict[str, dict]:
                                                       csv=(1, -1024)),
         "v1 int16 raw, blank header, CSV −8192": dict(data=(hu + 8192).astype(np.int16), header=(None, None),
                                                       csv=(1, -8192)),
+        "v1 int16 raw, −2000 HU padding, CSV −1024": dict(data=(padded(hu, -2000) + 1024).astype(np.int16),
+                                                          header=(None, None), csv=(1, -1024)),
+        "v2 HU int16, −3024 HU padding, CSV −1024": dict(data=padded(hu, -3024).astype(np.int16),
+                                                         header=(1.0, 0.0), csv=(1, -1024)),
         "stored RAS (HU int16)": dict(data=np.ascontiguousarray(as_int16[::-1, ::-1, :]), header=(1.0, 0.0),
                                       csv=(1, -1024), axcodes="RAS"),
         "stored slices first, SPR (HU int16)": dict(data=np.ascontiguousarray(as_int16[::-1, :, :].transpose(2, 1, 0)),
@@ -85,6 +98,7 @@ EXPECTED_READING = {
     "v2 HU int16, header 1/0, CSV −1024": "none", "v2 HU int16, header 1/0, CSV −8192": "none",
     "raw int16, rescale in header": "header", "v1 float raw, blank header, CSV −1024": "metadata",
     "v1 int16 raw, blank header, CSV −8192": "metadata", "stored RAS (HU int16)": "none",
+    "v1 int16 raw, −2000 HU padding, CSV −1024": "metadata", "v2 HU int16, −3024 HU padding, CSV −1024": "none",
     "stored slices first, SPR (HU int16)": "none",
 }
 
@@ -166,11 +180,11 @@ def test_every_storage_variant_gives_the_same_model_input(tmp_path, caplog):
         assert np.abs(np.subtract(marker, MARKER_DHW)).max() <= 1, (variant, marker)
         assert volume[MARKER_DHW] == pytest.approx(0.7, abs=0.01), variant
         np.testing.assert_allclose(volume, reference, atol=2e-3, err_msg=variant)
-    assert summary.splits["valid"].rescale == {"header": 1, "metadata": 2, "none": 4}
+    assert summary.splits["valid"].rescale == {"header": 1, "metadata": 3, "none": 5}
     assert summary.splits["train"].rescale == {"none": 2}
     logged = [r.getMessage() for r in caplog.records if "HU read" in r.getMessage()]
-    assert any(m.startswith("valid: HU read: 1 by the NIfTI header") and "2 by the metadata CSV" in m
-               and "4 stored values already in HU" in m for m in logged), logged
+    assert any(m.startswith("valid: HU read: 1 by the NIfTI header") and "3 by the metadata CSV" in m
+               and "5 stored values already in HU" in m for m in logged), logged
 
 
 def test_each_variant_takes_the_expected_reading(tmp_path, caplog):
@@ -186,7 +200,7 @@ def test_an_all_constant_volume_is_skipped_and_named_while_the_rest_are_prepared
     assert split.volumes == len(_variants()) and split.skipped == {"implausible_hu": 1}
     (skipped,) = split.skipped_files
     assert names[Path(skipped["file"]).name] == "all-constant int16"
-    assert "every voxel holds -1024 HU" in skipped["detail"]  # read as raw + the CSV's −1024, then found blank
+    assert "every voxel holds -1024 HU" in skipped["detail"]  # read as raw + the CSV rescale, then found blank
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [f"skipping {skipped['file']}: implausible_hu (its values, read as HU, are not a chest CT "
                         f"(blank, saturated or without air)): {skipped['detail']}"]

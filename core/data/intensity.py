@@ -13,9 +13,17 @@ RescaleIntercept are right for only one of them:
 
 ``data.rescale: auto`` decides in that order: the header's scaling when it
 has one (anything but none or 1 / 0); otherwise the CSV rescale when the
-stored values are raw, i.e. when the rescale puts more voxels into the air
-band (−1100…−800 HU: air around the body and the lungs) than the values read
-as they are; otherwise the values are already HU. ``metadata``, ``header``
+stored values are raw (air near 0, not near −1000); otherwise the values are
+already HU. "Raw" is judged on content: of the two readings (as stored, or
+with the CSV rescale) the one that looks more like a chest CT in HU wins,
+scored as the share of voxels in the air band (−1100…−800 HU: air around the
+body and aerated lung) minus the share below it (impossible in HU). Reading
+HU data as raw moves air and lung below −1100 and reading raw data as HU
+leaves it without air, so the right reading wins by a wide margin. Padding
+is left out of the score: scanners fill the corners outside the
+reconstruction circle with one value far below everything else (e.g. −2000
+or −3024 HU), so a stored minimum that lies ≥ 500 below every other stored
+value is not counted. ``metadata``, ``header``
 and ``none`` force one reading for every volume. Whatever the reading, the
 result is then checked: a volume that is constant, has ≥ 99 % of its voxels
 at the HU window's floor or ceiling, or has (almost) no air is not a chest CT
@@ -34,6 +42,7 @@ import numpy as np
 AIR_BAND = (-1100.0, -800.0)  # HU of air and aerated lung
 MIN_AIR = 0.005  # a chest CT has more of its voxels in AIR_BAND than this
 MAX_SATURATED = 0.99  # at or beyond the window's ends
+PADDING_GAP = 500.0  # a stored minimum this far below every other value is the scanner's padding
 SAMPLE_STRIDE_ABOVE = 2_000_000  # voxels; bigger volumes are judged on every second voxel per axis
 
 # How a volume's HU were obtained: key → what the summary says.
@@ -80,6 +89,25 @@ def air_fraction(hu: np.ndarray) -> float:
     return float(np.count_nonzero((sample >= AIR_BAND[0]) & (sample <= AIR_BAND[1]))) / max(sample.size, 1)
 
 
+def padding_value(stored: np.ndarray) -> float | None:
+    """The scanner's fill value outside the field of view: the stored minimum when it lies ≥ ``PADDING_GAP``
+    below every other stored value (real air is noisy and continuous), else None."""
+    low = stored.min()
+    rest = stored[stored != low]
+    return float(low) if rest.size and float(rest.min()) - float(low) >= PADDING_GAP else None
+
+
+def reading_score(values: np.ndarray, padding: float | None) -> float:
+    """How much ``values`` look like a chest CT in HU: share in ``AIR_BAND`` minus share below it, over the
+    voxels that are not ``padding`` (None: all voxels)."""
+    kept = values if padding is None else values[values != padding]
+    if kept.size == 0:
+        return 0.0
+    air = np.count_nonzero((kept >= AIR_BAND[0]) & (kept <= AIR_BAND[1]))
+    below = np.count_nonzero(kept < AIR_BAND[0])
+    return float(air - below) / kept.size
+
+
 def choose_rescale(raw: np.ndarray, header: Rescale | None, metadata: Rescale | None, mode: str) -> str:
     """Which reading gives HU for this volume: ``header``, ``metadata`` or ``none`` (see the module docstring).
 
@@ -94,8 +122,12 @@ def choose_rescale(raw: np.ndarray, header: Rescale | None, metadata: Rescale | 
     if header is not None and not header.identity:
         return "header"
     if metadata is not None and not metadata.identity:
-        sample = _sample(raw)
-        if air_fraction(metadata.apply(sample)) > air_fraction(sample.astype(np.float32)):
+        sample = _sample(raw).astype(np.float32)
+        padding = padding_value(sample)
+        as_stored = reading_score(sample, padding)
+        rescaled = reading_score(metadata.apply(sample),
+                                 None if padding is None else float(metadata.apply(np.float32(padding))))
+        if rescaled > as_stored:
             return "metadata"
     return "none"
 
