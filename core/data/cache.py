@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from core.config import DataConfig
 from core.data.ctrate import NIFTI_SUFFIX, Skip, SplitListing, VolumeRecord, read_split, text_fields
-from core.data.intensity import RESCALE_PATHS
+from core.data.hu import RESCALE_PATHS
 from core.data.preprocess import BadVolume, Preprocessing, decode_file, encode, preprocess_array
 from core.registry import ConfigError
 
@@ -129,7 +129,7 @@ class SplitSummary:
     skipped: dict[str, int] = field(default_factory=dict)  # reason → count
     skipped_files: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason", "detail"}
     index: str = ""
-    rescale: dict[str, int] = field(default_factory=dict)  # how HU were read (intensity.RESCALE_PATHS) → volumes
+    rescale: dict[str, int] = field(default_factory=dict)  # how HU were read (hu.RESCALE_PATHS) → volumes
 
     @property
     def skipped_total(self) -> int:

@@ -9,7 +9,7 @@ array), whatever orientation the file is stored in. A model input is
 ``volume[None]`` = (C=1, D, H, W).
 
 Intensities. The stored values become HU by the reading
-``core.data.intensity`` decides per volume from the file's content (header
+``core.data.hu`` decides per volume from the file's content (header
 scaling, the metadata CSV's rescale, or already HU; ``data.rescale`` forces
 one), and a volume that is not a plausible chest CT in HU is skipped.
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from core.config import DataConfig
-from core.data.intensity import IntensityError, Rescale, decode_hu
+from core.data.hu import IntensityError, Rescale, decode_hu
 from core.data.orientation import to_canonical
 
 INT16_SCALE = 32767.0  # int16 cache: round(value × INT16_SCALE) for values in [-1, 1]
@@ -52,7 +52,7 @@ class Preprocessing:
     target_spacing: tuple[float, float, float]
     target_shape: tuple[int, int, int]
     hu_window: tuple[float, float]
-    rescale: str = "auto"  # data.rescale: how stored values become HU (core.data.intensity)
+    rescale: str = "auto"  # data.rescale: how stored values become HU (core.data.hu)
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> Preprocessing:
@@ -164,7 +164,7 @@ class DecodedVolume:
 
     hu: np.ndarray
     spacing: tuple[float, float, float]
-    rescale: str  # a key of core.data.intensity.RESCALE_PATHS
+    rescale: str  # a key of core.data.hu.RESCALE_PATHS
 
 
 def decode_file(path: str | Path, prep: Preprocessing, slope: float | None = None, intercept: float | None = None,
