@@ -61,6 +61,7 @@ def cache_settings(cfg: DataConfig) -> dict[str, Any]:
         "target_shape": list(prep.target_shape),
         "hu_window": list(prep.hu_window),
         "cache_dtype": cfg.cache_dtype,
+        **({"intensity": prep.intensity} if prep.intensity != "ctclip" else {}),  # the default keeps older tags
     }
 
 

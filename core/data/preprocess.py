@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from core.config import DataConfig
+from core.data.intensity import apply_intensity
 
 NIFTI_TO_DHW = (2, 1, 0)  # data[i, j, k] (columns, rows, slices) → volume[k, j, i] (D, H, W)
 INT16_SCALE = 32767.0  # int16 cache: round(value × INT16_SCALE) for values in [-1, 1]
@@ -48,12 +49,13 @@ class Preprocessing:
     target_spacing: tuple[float, float, float]
     target_shape: tuple[int, int, int]
     hu_window: tuple[float, float]
+    intensity: str = "ctclip"  # core.data.intensity: how windowed HU become model values
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> Preprocessing:
         """The preprocessing part of a DataConfig."""
         return cls(tuple(map(float, cfg.target_spacing)), tuple(map(int, cfg.target_shape)),
-                   (float(cfg.hu_window[0]), float(cfg.hu_window[1])))
+                   (float(cfg.hu_window[0]), float(cfg.hu_window[1])), cfg.intensity)
 
 
 @dataclass
@@ -142,7 +144,7 @@ def crop_or_pad(volume: np.ndarray, shape: tuple[int, ...], pad_value: float = -
 def preprocess_array(hu: np.ndarray, spacing: tuple[float, ...], prep: Preprocessing) -> np.ndarray:
     """A (D, H, W) HU volume at ``spacing`` → the model's float32 (D, H, W) volume in [-1, 1]."""
     resampled = resample(hu, spacing, prep.target_spacing)
-    return crop_or_pad(window(resampled, *prep.hu_window), prep.target_shape, pad_value=-1.0)
+    return crop_or_pad(apply_intensity(prep.intensity, resampled, prep.hu_window), prep.target_shape, pad_value=-1.0)
 
 
 def preprocess_file(path: str | Path, prep: Preprocessing, slope: float | None = None,
