@@ -65,9 +65,21 @@ def device_name(device: str | torch.device) -> str:
 
 
 def count_flops(module: nn.Module, *inputs: Any) -> int:
-    """FLOPs of one forward of ``module`` on ``inputs``, as torch's FLOP counter counts them."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(*inputs)
+    """FLOPs of one forward of ``module`` on ``inputs``, as torch's FLOP counter counts them.
+
+    BatchNorms run in eval mode for the count (restored after): their mode
+    changes no FLOP torch counts, and train mode refuses a single volume whose
+    last feature map is 1×1×1 (one value per channel).
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    try:
+        for norm in norms:
+            norm.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(*inputs)
+    finally:
+        for norm in norms:
+            norm.train()
     return int(counter.get_total_flops())
 
 
@@ -100,12 +112,13 @@ def count_macs_fvcore(module: nn.Module, *inputs: Any) -> int:
     without these modules (RMSNorm) count zero, as fvcore has no rule for them.
     """
     norm_flops = 0
+    factors = {m: fvcore_norm_factor(m) for m in module.modules() if fvcore_norm_factor(m)}  # before count_flops
 
-    def count_norm(norm: nn.Module, args: tuple[Any, ...]) -> None:
+    def count_norm(norm: nn.Module, args: tuple[Any, ...]) -> None:  # ... runs BatchNorms in eval mode
         nonlocal norm_flops
-        norm_flops += fvcore_norm_factor(norm) * args[0].numel()
+        norm_flops += factors[norm] * args[0].numel()
 
-    hooks = [m.register_forward_pre_hook(count_norm) for m in module.modules() if fvcore_norm_factor(m)]
+    hooks = [m.register_forward_pre_hook(count_norm) for m in factors]
     try:
         flops = count_flops(module, *inputs)
     finally:

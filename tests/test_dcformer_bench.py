@@ -83,3 +83,13 @@ def test_bench_encoders_table_has_both_conventions_and_says_whose_code(tmp_path,
     for name in ("convnext3d", "poolformer3d", "vit3d", "hybrid"):
         assert frame.loc[name, "implementation"].startswith("our 3D version")
     assert "PoolFormer tiny 20.68 M / 117.46" in frame.loc["poolformer3d", "paper_family"]
+
+
+def test_counts_run_on_one_small_volume_whose_last_map_is_one_voxel():
+    """32×64×64 leaves DCFormer a 1×1×1 map, which train-mode BatchNorm refuses for one volume; counting must not."""
+    with torch.device("meta"):
+        encoder = create_encoder(config("nano", (32, 64, 64)).model, (32, 64, 64))
+        one, two = torch.empty(1, 1, 32, 64, 64), torch.empty(2, 1, 32, 64, 64)
+    assert 2 * count_macs_fvcore(encoder, one) == count_macs_fvcore(encoder, two)
+    assert 2 * count_flops(encoder, one) == count_flops(encoder, two)
+    assert all(m.training for m in encoder.modules())  # the count leaves the modules' modes as they were
