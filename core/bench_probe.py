@@ -65,10 +65,66 @@ def device_name(device: str | torch.device) -> str:
 
 
 def count_flops(module: nn.Module, *inputs: Any) -> int:
-    """FLOPs of one forward of ``module`` on ``inputs``, as torch's FLOP counter counts them."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(*inputs)
+    """FLOPs of one forward of ``module`` on ``inputs``, as torch's FLOP counter counts them.
+
+    BatchNorms run in eval mode for the count (restored after): their mode
+    changes no FLOP torch counts, and train mode refuses a single volume whose
+    last feature map is 1×1×1 (one value per channel).
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    try:
+        for norm in norms:
+            norm.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(*inputs)
+    finally:
+        for norm in norms:
+            norm.train()
     return int(counter.get_total_flops())
+
+
+def fvcore_norm_factor(module: nn.Module) -> int:
+    """FLOPs fvcore's ``FlopCountAnalysis`` charges a normalisation layer per input element (0: not a norm).
+
+    fvcore.nn.jit_handles: BatchNorm in training (or without running
+    statistics) and LayerNorm / GroupNorm / InstanceNorm count 5 per element
+    with an affine transform, 4 without; BatchNorm in eval counts 2 (1).
+    """
+    affine = getattr(module, "weight", None) is not None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.training or not module.track_running_stats:
+            return 5 if affine else 4
+        return 2 if affine else 1
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
+        return 5 if affine else 4
+    return 0
+
+
+def count_macs_fvcore(module: nn.Module, *inputs: Any) -> int:
+    """Multiply-adds of one forward as fvcore counts them (the convention of the DCFormer paper's "GFLOPs").
+
+    Matrix products and convolutions are torch's FLOP count / 2 (fvcore counts
+    one multiply-add as one FLOP, bias adds not at all); on top, every
+    ``nn`` normalisation layer adds ``fvcore_norm_factor`` × its input
+    elements. So a train-mode model — the state the authors count in —
+    carries 5 × the input of each BatchNorm. Other element-wise work
+    (activations, pooling, additions) counts zero in both; norms written
+    without these modules (RMSNorm) count zero, as fvcore has no rule for them.
+    """
+    norm_flops = 0
+    factors = {m: fvcore_norm_factor(m) for m in module.modules() if fvcore_norm_factor(m)}  # before count_flops
+
+    def count_norm(norm: nn.Module, args: tuple[Any, ...]) -> None:  # ... runs BatchNorms in eval mode
+        nonlocal norm_flops
+        norm_flops += factors[norm] * args[0].numel()
+
+    hooks = [m.register_forward_pre_hook(count_norm) for m in factors]
+    try:
+        flops = count_flops(module, *inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return flops // 2 + norm_flops
 
 
 def gflops(module: nn.Module, *inputs: Any) -> float:

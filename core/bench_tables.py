@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import pandas as pd
 import torch
 
 from core.bench import encoder_gflops
+from core.bench_probe import count_macs_fvcore
 from core.config import Config, load_config
 from core.encoders import create_encoder, encoder_axes
 from core.layers.attention import flash_unavailable_reason
@@ -57,6 +59,41 @@ PAPER_ROWS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("ctvit", "ctclip"): ("CT-ViT", "-"),
     ("ctvit", "default"): ("CT-ViT", "-"),
 }
+
+
+# What each encoder's code is, and the paper's rows of the same family (printed beside ours in the encoders table).
+IMPLEMENTATION = {
+    "dcformer": "DCFormer's function (authors' code: parity fixture, load_dcformer)",
+    "ctvit": "CT-CLIP's CT-ViT (its public code)",
+    "convnext3d": "our 3D version (DCFormer's repository has no code for it, only numbers)",
+    "poolformer3d": "our 3D version (DCFormer's repository has no code for it, only numbers)",
+    "vit3d": "our 3D version (DCFormer's repository has no code for it, only numbers)",
+    "hybrid": "our 3D version (CTInstruct-style; not in the DCFormer paper)",
+}
+PAPER_FAMILY = {"convnext3d": "ConvNeXt", "poolformer3d": "PoolFormer", "vit3d": "ViT", "ctvit": "CT-ViT"}
+
+
+def implementation(encoder: str) -> str:
+    """Whose function an encoder computes: the authors' (DCFormer, CT-ViT) or our 3D version."""
+    return next((v for k, v in IMPLEMENTATION.items() if encoder.startswith(k)), "ours")
+
+
+def paper_family(encoder: str) -> str | None:
+    """The DCFormer paper's rows of this encoder's family, ``name params M / GFLOPs; ...`` (None: no such row)."""
+    family = PAPER_FAMILY.get(encoder)
+    rows = [f"{(name + ' ' + size).replace(' -', '')} {p:g} M / {g:g}"
+            for (name, size), (p, g) in PAPER_ENCODER_TABLE.items() if name == family]
+    return "; ".join(rows) or None
+
+
+def params_basis(encoder_params: float, with_projection: float, paper_m: float | None) -> str | None:
+    """Which of our counts the paper's Params figure is: the one that rounds to it at the paper's precision."""
+    if paper_m is None or pd.isna(paper_m):
+        return None
+    decimals = len(repr(float(paper_m)).split(".")[1])
+    matches = [name for name, value in (("encoder", encoder_params), ("encoder + projection", with_projection))
+               if round(value / 1e6, decimals) == round(paper_m, decimals)]
+    return " = ".join(matches) or "neither (a different network)"
 
 
 def paper_reference(encoder: str, preset: str | None) -> tuple[str, float, float] | None:
@@ -136,6 +173,24 @@ def encoder_size(cfg: Config) -> dict[str, Any]:
             "image_params_trainable": params["trainable"], "gflops": encoder_gflops(cfg)}
 
 
+def encoder_fvcore_size(cfg: Config) -> dict[str, float]:
+    """GMACs as fvcore counts them (train mode, BatchNorm 5 × its input) and params with the latent projection.
+
+    Built on the meta device, in train mode as a fresh module is — the state
+    in which the DCFormer authors ran fvcore's ``FlopCountAnalysis``.
+    """
+    model_cfg = cfg.model
+    if model_cfg.attention == "flash":
+        model_cfg = dataclasses.replace(model_cfg, attention="sdpa")
+    shape = tuple(cfg.data.target_shape)
+    with torch.device("meta"):
+        encoder = create_encoder(model_cfg, shape)
+        volume = torch.empty(1, 1, *shape)
+    params = count_parameters(encoder)["total"]
+    return {"gmacs_fvcore": count_macs_fvcore(encoder, volume) / 1e9,
+            "image_params_proj": params + encoder.out_dim * cfg.model.latent_dim}
+
+
 # --------------------------------------------------------------------------- layout
 
 # column → (heading, format) for the markdown tables; the CSV keeps the raw values.
@@ -185,6 +240,11 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "visual_bwd_ratio": ("bwd ratio", "{:.3f}"),
     "paper": ("paper row", "{}"),
     "paper_params_m": ("paper params (M)", "{:.2f}"),
+    "gmacs_fvcore": ("GMACs fvcore", "{:.3f}"),
+    "image_params_proj_m": ("+ projection (M)", "{:.3f}"),
+    "paper_params_basis": ("paper params are", "{}"),
+    "implementation": ("implementation", "{}"),
+    "paper_family": ("paper rows of the family (params / GFLOPs)", "{}"),
     "paper_gflops": ("paper GFLOPs", "{:.2f}"),
     "status": ("status", "{}"),
 }

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from core.registry import ATTENTION, ENCODERS, LOSSES, MLP, NORM, PROTOCOLS, ConfigError, Registry, closest
+from core.registry import ATTENTION, ENCODERS, INTENSITY, LOSSES, MLP, NORM, PROTOCOLS, ConfigError, Registry, closest
 
 # Fields whose value must be a name in a registry (None = "the encoder's default").
 _REGISTRY_FIELDS: dict[str, Registry] = {
@@ -33,6 +33,7 @@ _REGISTRY_FIELDS: dict[str, Registry] = {
     "model.norm": NORM,
     "model.mlp": MLP,
     "model.loss": LOSSES,
+    "data.intensity": INTENSITY,
 }
 
 
@@ -49,6 +50,7 @@ class ModelConfig:
     loss: str = "clip"
     logit_scale_init: float | None = None  # log-space; None = loss default (clip log(1/0.07), siglip log 10)
     logit_bias_init: float | None = None  # siglip only; None = -10
+    logit_scale_learnable: bool = True  # false: the scale stays at its init (DCFormer: log-scale 1.0, i.e. e)
     latent_dim: int = 512
     text_encoder: str = "minilm"  # "minilm" (shipped), "tiny-random", a hub id or a local path
     text_pool: Literal["cls", "mean"] = "cls"
@@ -100,6 +102,7 @@ class DataConfig:
     target_spacing: list[float] = field(default_factory=lambda: [1.5, 0.75, 0.75])  # mm, (D, H, W)
     target_shape: list[int] = field(default_factory=lambda: [240, 480, 480])  # voxels, (D, H, W)
     hu_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
+    intensity: str = "ctclip"  # HU → model values (core.data.intensity): ctclip (hu_window → [-1, 1]) | dcformer
     cache_dtype: Literal["float16", "int16"] = "float16"
     subset_fraction: float = 1.0  # a seeded random part of every split
     subset_seed: int = 0
@@ -262,6 +265,10 @@ def validate(cfg: Config) -> Config:
             names = PROTOCOLS.names()
             raise ConfigError(f"eval.protocols: unknown protocol '{protocol}'{closest(protocol, names)} "
                               f"(choices: {', '.join(names)})")
+    fixed_window = INTENSITY.meta(cfg.data.intensity).get("window")
+    if fixed_window and list(cfg.data.hu_window) != DataConfig().hu_window:
+        raise ConfigError(f"data.hu_window: data.intensity={cfg.data.intensity} has its own window "
+                          f"{list(fixed_window)}; remove data.hu_window or use data.intensity=ctclip")
     checks = [
         (len(cfg.data.target_shape) == 3, "data.target_shape: needs 3 values (D, H, W)"),
         (len(cfg.data.target_spacing) == 3, "data.target_spacing: needs 3 values in mm (D, H, W)"),

@@ -1,7 +1,8 @@
 """Contrastive losses by name: ``clip`` (softmax InfoNCE) and ``siglip`` (pairwise sigmoid).
 
-Each loss owns its learnable logit scale (in log space) and, for SigLIP, its
-bias. Under torch.distributed the features of all ranks are gathered with
+Each loss owns its logit scale (in log space; learnable, or fixed at its
+initial value with ``model.logit_scale_learnable: false``) and, for SigLIP,
+its learnable bias. Under torch.distributed the features of all ranks are gathered with
 gradient (``torch.distributed.nn.all_gather``), so the contrastive batch is
 the global batch and, once DDP averages gradients, training matches one
 process on that batch exactly.
@@ -34,14 +35,18 @@ class ContrastiveLoss(nn.Module):
 
     default_log_scale: float = 0.0
 
-    def __init__(self, logit_scale_init: float | None = None, logit_bias_init: float | None = None) -> None:
+    def __init__(self, logit_scale_init: float | None = None, logit_bias_init: float | None = None,
+                 logit_scale_learnable: bool = True) -> None:
         super().__init__()
         if logit_bias_init is not None and not hasattr(self, "default_log_bias"):
             raise ConfigError(
                 f"model.logit_bias_init: loss '{type(self).__name__}' has no bias; use model.loss=siglip or drop it"
             )
-        init = self.default_log_scale if logit_scale_init is None else logit_scale_init
-        self.logit_scale = nn.Parameter(torch.tensor(float(init)))
+        init = torch.tensor(float(self.default_log_scale if logit_scale_init is None else logit_scale_init))
+        if logit_scale_learnable:
+            self.logit_scale = nn.Parameter(init)
+        else:  # a fixed temperature (DCFormer's e): a buffer, so no adaptation or optimizer can train it
+            self.register_buffer("logit_scale", init)
 
     def scale(self) -> torch.Tensor:
         """e^{logit_scale}, capped at 100 as in CLIP."""
@@ -75,8 +80,9 @@ class SigLipLoss(ContrastiveLoss):
     default_log_scale = math.log(10.0)
     default_log_bias = -10.0
 
-    def __init__(self, logit_scale_init: float | None = None, logit_bias_init: float | None = None) -> None:
-        super().__init__(logit_scale_init, logit_bias_init)
+    def __init__(self, logit_scale_init: float | None = None, logit_bias_init: float | None = None,
+                 logit_scale_learnable: bool = True) -> None:
+        super().__init__(logit_scale_init, logit_bias_init, logit_scale_learnable)
         bias = self.default_log_bias if logit_bias_init is None else logit_bias_init
         self.logit_bias = nn.Parameter(torch.tensor(float(bias)))
 
@@ -90,7 +96,11 @@ class SigLipLoss(ContrastiveLoss):
 
 
 def create_loss(
-    name: str, logit_scale_init: float | None = None, logit_bias_init: float | None = None
+    name: str, logit_scale_init: float | None = None, logit_bias_init: float | None = None,
+    logit_scale_learnable: bool = True,
 ) -> ContrastiveLoss:
-    """Build the loss registered as ``name`` with optional log-scale / bias initial values."""
-    return LOSSES.get(name)(logit_scale_init, logit_bias_init)
+    """Build the loss registered as ``name`` with optional log-scale / bias initial values.
+
+    ``logit_scale_learnable=False`` holds the scale at its initial value (a buffer, never trained).
+    """
+    return LOSSES.get(name)(logit_scale_init, logit_bias_init, logit_scale_learnable)

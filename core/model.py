@@ -62,7 +62,7 @@ def build_model(cfg: Config) -> CLIPModel:
     if m.grad_checkpointing and hasattr(image_encoder, "set_grad_checkpointing"):
         image_encoder.set_grad_checkpointing(True)
     text_encoder = create_text_encoder(m.text_encoder, m.text_pool, m.text_max_length, m.text_unit)
-    loss = create_loss(m.loss, m.logit_scale_init, m.logit_bias_init)
+    loss = create_loss(m.loss, m.logit_scale_init, m.logit_bias_init, m.logit_scale_learnable)
     return CLIPModel(image_encoder, text_encoder, loss, m.latent_dim)
 
 

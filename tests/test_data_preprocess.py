@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from core.data.ctrate import parse_xy_spacing
+from core.data.intensity import ctclip as window
 from core.data.orientation import LPS_TO_DHW
 from core.data.preprocess import (
     Preprocessing,
@@ -16,7 +17,6 @@ from core.data.preprocess import (
     resample,
     resampled_shape,
     to_hu,
-    window,
 )
 from tests.data_fixtures import write_nifti
 
@@ -57,8 +57,8 @@ def test_forced_rescale_reads_the_stored_values_that_way(tmp_path, mode, air_raw
 
 def test_window_clips_and_scales_to_unit_range():
     hu = np.array([-3000.0, -1000.0, -500.0, 0.0, 1000.0, 2500.0], dtype=np.float32)
-    np.testing.assert_allclose(window(hu, -1000.0, 1000.0), [-1.0, -1.0, -0.5, 0.0, 1.0, 1.0])
-    np.testing.assert_allclose(window(hu, -500.0, 1500.0), [-1.0, -1.0, -1.0, -0.5, 0.5, 1.0], atol=1e-6)
+    np.testing.assert_allclose(window(hu, (-1000.0, 1000.0)), [-1.0, -1.0, -0.5, 0.0, 1.0, 1.0])
+    np.testing.assert_allclose(window(hu, (-500.0, 1500.0)), [-1.0, -1.0, -1.0, -0.5, 0.5, 1.0], atol=1e-6)
 
 
 def test_resampled_shape_follows_spacing_ratio():

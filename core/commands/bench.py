@@ -22,8 +22,12 @@ from core.bench_tables import (
     PAPER_INPUT_SHAPE,
     base_overrides,
     encoder_configs,
+    encoder_fvcore_size,
     encoder_size,
+    implementation,
+    paper_family,
     paper_reference,
+    params_basis,
     results_frame,
     run_notes,
     write_report,
@@ -434,10 +438,27 @@ def run_encoders(args: argparse.Namespace) -> int:
     frame["paper_params_m"] = [p[1] if p else None for p in papers]
     frame["paper_gflops"] = [p[2] if p else None for p in papers]
     frame["gmacs"] = frame["gflops"] / 2 if "gflops" in frame else None
+    fvcore = {label: encoder_fvcore_size(cfg) for label, cfg in configs.items()}
+    frame["gmacs_fvcore"] = [fvcore.get(label, {}).get("gmacs_fvcore") for label in frame["label"]]
+    frame["image_params_proj_m"] = [fvcore[label]["image_params_proj"] / 1e6 if label in fvcore else None
+                                    for label in frame["label"]]
+    frame["paper_params_basis"] = [
+        params_basis(m * 1e6, p * 1e6, paper) if label in fvcore else None
+        for label, m, p, paper in zip(frame["label"], frame["image_params_m"], frame["image_params_proj_m"],
+                                      frame["paper_params_m"], strict=True)]
+    frame["implementation"] = [implementation(e) for e in frame["encoder"]]
+    frame["paper_family"] = [paper_family(e) for e in frame["encoder"]]
     notes = ["# image encoders", *notes,
              "paper columns: DCFormer (Ates et al., arXiv:2502.05091) Params and GFLOPs at "
-             f"{'x'.join(map(str, PAPER_INPUT_SHAPE))} (D x H x W); its GFLOPs count multiply-accumulates "
-             "(flopth / fvcore, the authors' counters), so compare them with GMACs = GFLOPs / 2"]
-    columns = ["label", "preset", "input_shape", "image_params_m", "gflops", "gmacs", "visual_fwd_ms",
-               "visual_bwd_ms", "fwd_bwd_ms", "peak_memory_mb", "paper", "paper_params_m", "paper_gflops", "status"]
+             f"{'x'.join(map(str, PAPER_INPUT_SHAPE))} (D x H x W); its GFLOPs are fvcore's count (one "
+             "multiply-add = 1, and the train-mode BatchNorms at 5 x their input elements): compare them with "
+             "'GMACs fvcore'; 'GMACs' = GFLOPs / 2 counts convolutions and matrix products only",
+             "params: 'image params' is the encoder, '+ projection' adds the bias-free Linear to the latent "
+             "(model.latent_dim); 'paper params are' says which of the two the paper's figure rounds to",
+             "implementation: ConvNeXt3D, PoolFormer3D, ViT3D and hybrid are our 3D versions (DCFormer's "
+             "repository holds only the paper's numbers for its baselines); the paper's rows of each family "
+             "are listed beside ours"]
+    columns = ["label", "preset", "input_shape", "image_params_m", "image_params_proj_m", "gflops", "gmacs",
+               "gmacs_fvcore", "visual_fwd_ms", "visual_bwd_ms", "fwd_bwd_ms", "peak_memory_mb", "paper",
+               "paper_params_m", "paper_params_basis", "paper_gflops", "implementation", "paper_family", "status"]
     return _report(frame, columns, args, _file_name("encoders", args.preset or "default"), notes)

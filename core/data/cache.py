@@ -64,6 +64,7 @@ def cache_settings(cfg: DataConfig) -> dict[str, Any]:
         "hu_window": list(prep.hu_window),
         "rescale": prep.rescale,
         "cache_dtype": cfg.cache_dtype,
+        **({"intensity": prep.intensity} if prep.intensity != "ctclip" else {}),  # the default keeps older tags
     }
 
 

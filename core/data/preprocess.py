@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from core.config import DataConfig
 from core.data.hu import IntensityError, Rescale, decode_hu
+from core.data.intensity import apply_intensity
 from core.data.orientation import to_canonical
 
 INT16_SCALE = 32767.0  # int16 cache: round(value × INT16_SCALE) for values in [-1, 1]
@@ -53,12 +54,14 @@ class Preprocessing:
     target_shape: tuple[int, int, int]
     hu_window: tuple[float, float]
     rescale: str = "auto"  # data.rescale: how stored values become HU (core.data.hu)
+    intensity: str = "ctclip"  # core.data.intensity: how windowed HU become model values
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> Preprocessing:
         """The preprocessing part of a DataConfig."""
         return cls(tuple(map(float, cfg.target_spacing)), tuple(map(int, cfg.target_shape)),
-                   (float(cfg.hu_window[0]), float(cfg.hu_window[1])), rescale=cfg.rescale)
+                   (float(cfg.hu_window[0]), float(cfg.hu_window[1])), rescale=cfg.rescale,
+                   intensity=cfg.intensity)
 
 
 @dataclass
@@ -129,12 +132,6 @@ def resample(volume: np.ndarray, spacing: tuple[float, ...], target_spacing: tup
     return F.interpolate(tensor, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
-def window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Clip HU to [low, high] and map that range linearly onto [-1, 1]."""
-    clipped = np.clip(hu, low, high)
-    return ((clipped - low) * (2.0 / (high - low)) - 1.0).astype(np.float32)
-
-
 def crop_or_pad(volume: np.ndarray, shape: tuple[int, ...], pad_value: float = -1.0) -> np.ndarray:
     """Centre-crop or pad (with ``pad_value``) each axis to ``shape``; an odd excess goes to the end."""
     out = np.full(shape, pad_value, dtype=volume.dtype)
@@ -155,7 +152,7 @@ def crop_or_pad(volume: np.ndarray, shape: tuple[int, ...], pad_value: float = -
 def preprocess_array(hu: np.ndarray, spacing: tuple[float, ...], prep: Preprocessing) -> np.ndarray:
     """A (D, H, W) HU volume at ``spacing`` → the model's float32 (D, H, W) volume in [-1, 1]."""
     resampled = resample(hu, spacing, prep.target_spacing)
-    return crop_or_pad(window(resampled, *prep.hu_window), prep.target_shape, pad_value=-1.0)
+    return crop_or_pad(apply_intensity(prep.intensity, resampled, prep.hu_window), prep.target_shape, pad_value=-1.0)
 
 
 @dataclass

@@ -6,13 +6,22 @@ own BatchNorm, summed — 3k weights per channel instead of k³. Layout, as in
 the authors' release (github.com/mirthAI/DCFormer):
 
 - stem: a decomposed conv with kernel 7 and stride 4 (1 → width₀ channels),
-  then ``stem_convs`` dense decomposed 3×3×3 convs, each followed by GELU;
+  then ``stem_convs`` dense decomposed 3×3×3 convs, with no activation in
+  between (``stem_act: none``, what the authors' code computes: it passes
+  ``nn.GELU()`` positionally into the ``norm`` slot of ``DecompConv3D``, which
+  only switches its BatchNorms on); ``stem_act: gelu`` puts a GELU after each
+  of the four, as an ablation;
 - four stages; each opens with MaxPool3d(3, stride 2, pad 1) and a bias-free
   1×1×1 conv to the stage width, then its blocks
   ``x + γ · MLP(DecompConv(x))`` (depthwise decomposed conv with kernel
   13 / 11 / 9 / 7 per stage, MLP ratio 4 on channels-last tokens, layer
   scale γ initialised to 1e-6);
-- global mean pool → features of the last width (total stride 64).
+- global mean pool → features of the last width (total stride 64); with
+  ``codebook_size > 0`` the last stage's tokens are first vector-quantised as
+  DCFormer's CLIP model does (``vector_quantize_pytorch.VectorQuantize(dim,
+  codebook_size, use_cosine_sim=True)``: cosine nearest code, codebook updated
+  by EMA in training, gradients through the rotation trick), then mean-pooled.
+  DCFormer uses 8192 codes; 0 (the default) pools the raw features.
 
 Variants (paper notation counts the stem as stage 0):
 
@@ -25,9 +34,13 @@ Variants (paper notation counts the stem as stage 0):
 The encoder counts equal the authors' released model exactly; the paper's
 nano and tiny figures match the encoder plus the bias-free projection to the
 512-d CLIP latent (0.92 M, 15.05 M). The MLP is the ``mlp`` axis (GELU by
-default; the gated variants keep the parameter count). The stem applies GELU
-after each decomposed conv, as the authors intend (their release passes the
-GELU into the norm slot, which leaves the stem linear).
+default; the gated variants keep the parameter count). The codebook is a
+buffer (EMA), not a parameter. A DCFormer checkpoint loads with
+``core.convert_dcformer.load_dcformer``.
+
+Axis order: the input is (B, 1, D, H, W), as every encoder here; the authors'
+encoder permutes its (B, 1, D, H, W) input to (B, 1, H, W, D) first, so their
+branches c1 / c2 / c3 act on H / W / D, ours ``branches[0..2]`` on D / H / W.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ from torch.utils.checkpoint import checkpoint
 from core.config import ModelConfig
 from core.encoders.base import register_encoder, resolve_axes, resolve_preset
 from core.layers.mlp import create_mlp
-from core.registry import ConfigError
+from core.registry import ConfigError, closest
 
 
 @dataclass
@@ -56,6 +69,11 @@ class DCFormerArgs:
     stem_convs: int = 3
     mlp_ratio: float = 4.0
     layer_scale_init: float = 1e-6
+    stem_act: str = "none"  # "none" (the authors' code) or "gelu" (a GELU after each stem conv)
+    codebook_size: int = 0  # > 0: vector-quantise the final tokens before pooling, as DCFormer (8192)
+
+
+STEM_ACTS = {"none": nn.Identity, "gelu": nn.GELU}
 
 
 VARIANTS = {
@@ -119,11 +137,19 @@ class DCFormer(nn.Module):
                 f"model.encoder_args: DCFormer needs len(widths) = len(depths) + 1 = len(kernels) + 1 "
                 f"(stem + stages), got widths={args.widths}, depths={args.depths}, kernels={args.kernels}"
             )
+        if args.stem_act not in STEM_ACTS:
+            raise ConfigError(f"model.encoder_args.stem_act: '{args.stem_act}' is not a stem activation"
+                              f"{closest(args.stem_act, list(STEM_ACTS))} (choices: {', '.join(STEM_ACTS)})")
+        if args.codebook_size < 0:
+            raise ConfigError(f"model.encoder_args.codebook_size: {args.codebook_size} < 0; "
+                              "use 0 (no quantisation) or a number of codes such as DCFormer's 8192")
         self.args = args
         width = args.widths[0]
-        stem = [DecomposedConv3d(1, width, args.stem_kernel, stride=args.stem_stride), nn.GELU()]
+        act = STEM_ACTS[args.stem_act]
+        # (conv, activation) pairs: the state-dict keys are the same with either activation.
+        stem = [DecomposedConv3d(1, width, args.stem_kernel, stride=args.stem_stride), act()]
         for _ in range(args.stem_convs):
-            stem += [DecomposedConv3d(width, width, 3), nn.GELU()]
+            stem += [DecomposedConv3d(width, width, 3), act()]
         self.stem = nn.Sequential(*stem)
         self.stages = nn.ModuleList()
         stage_io = zip(args.widths[:-1], args.widths[1:], strict=True)
@@ -132,6 +158,7 @@ class DCFormer(nn.Module):
             blocks = [DCFormerBlock(c_out, kernel, mlp, args.mlp_ratio, args.layer_scale_init) for _ in range(depth)]
             self.stages.append(nn.Sequential(downsample, *blocks))
         self.out_dim = args.widths[-1]
+        self.vq = dcformer_vq(self.out_dim, args.codebook_size) if args.codebook_size else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's MLP activations in backward instead of storing them."""
@@ -147,7 +174,20 @@ class DCFormer(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x).mean(dim=(2, 3, 4))
+        """(B, 1, D, H, W) → (B, out_dim): the mean of the (quantised, with a codebook) final tokens."""
+        features = self.forward_features(x)
+        if self.vq is None:
+            return features.mean(dim=(2, 3, 4))
+        tokens = features.flatten(2).transpose(1, 2)  # (B, D·H·W, C), DCFormer's token order
+        quantised, _, _ = self.vq(tokens)  # the commitment loss is discarded, as DCFormer does
+        return quantised.mean(dim=1)
+
+
+def dcformer_vq(dim: int, codebook_size: int) -> nn.Module:
+    """DCFormer's quantiser: ``VectorQuantize(dim, codebook_size, use_cosine_sim=True)``, all else default."""
+    from vector_quantize_pytorch import VectorQuantize  # imported on use: only a quantising encoder needs it
+
+    return VectorQuantize(dim=dim, codebook_size=codebook_size, use_cosine_sim=True)
 
 
 def _build(cfg: ModelConfig, variant: str) -> DCFormer:
