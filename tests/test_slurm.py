@@ -86,6 +86,28 @@ def test_runs_and_status_name_the_job_and_node():
     assert slurm_identity({}) == {} and worker_detail({"worker": "laptop:11"}) == "laptop:11"
 
 
+def test_requeued_job_hands_back_the_cell_its_earlier_run_held(tmp_path, monkeypatch):
+    from experiments.launcher import cell_states, open_storage, open_study, try_claim
+    from experiments.slurm import release_own_claims
+
+    matrix = load_matrix({"name": "requeued", "base": {}, "axes": {"model.loss": ["clip", "siglip"]}})
+    opts = LaunchOptions(storage=f"sqlite:///{tmp_path}/optuna.db")
+    storage = open_storage(opts)
+    study = open_study(matrix, storage)
+    cell = matrix.runnable[0].cell_id
+    for key, value in {"SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "1",
+                       "SLURMD_NODENAME": "gpu03"}.items():
+        monkeypatch.setenv(key, value)
+    assert try_claim(storage, matrix, study, cell, study.ask().number)
+    assert cell_states(matrix, storage, study)[cell] == ("running", "job 40_1 on gpu03")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")  # another job of the array: the cell is not its to release
+    assert release_own_claims(matrix, storage, study) == []
+    assert cell_states(matrix, storage, study)[cell][0] == "running"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")  # the same job id, started again by a requeue
+    assert release_own_claims(matrix, storage, study) == [cell]
+    assert cell_states(matrix, storage, study)[cell] == ("pending", "retry after attempt 1")
+
+
 # ------------------------------------------------------------------ the cluster
 
 
@@ -157,7 +179,7 @@ def server(tmp_path_factory) -> dict:
             pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
     yield {"uri": uri, "database": database, "artifacts": folder / "artifacts"}
-    os.killpg(proc.pid, 15)
+    os.killpg(proc.pid, 9)  # a throw-away server: no graceful shutdown to wait for
     proc.wait(timeout=30)
     with psycopg.connect(admin, autocommit=True) as conn:
         for name in created:
@@ -400,8 +422,8 @@ def test_multi_gpu_worker_trains_each_cell_under_torchrun(synthetic, tmp_path, m
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    base = _base(synthetic, tmp_path / "runs", steps=0)
-    base["train"].update({"max_steps": 0, "epochs": 2, "batch_size": 2})
+    base = _base(synthetic, tmp_path / "runs", steps=1)
+    base["train"].update({"max_steps": None, "epochs": 2, "batch_size": 2})
     path = _write(tmp_path, "ddp", base, {"model.loss": ["clip"]})
     matrix = load_matrix(path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
