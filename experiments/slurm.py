@@ -36,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -152,16 +153,21 @@ def _tracking_problems(uri: str, experiments: set[str]) -> list[str]:
     if scheme in ("", "sqlite", "file"):
         return [f"MLflow tracking URI '{uri}' is a file on this machine; workers on other nodes cannot log to it. "
                 f"Start a tracking server ({SERVER_RECIPE}) and pass --tracking-uri http://HOST:5000"]
+    if scheme in ("http", "https"):  # a tracking server: reachable now (MLflow's client would retry for minutes)
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=15):
+                return []
+        except OSError as err:
+            return [f"MLflow tracking server {uri} does not answer ({err}); start it ({SERVER_RECIPE}) "
+                    "or fix --tracking-uri"]
     from core.tracking import get_client
 
     client = get_client(uri)
     try:
         found = {name: client.get_experiment_by_name(name) for name in sorted(experiments)}
-    except Exception as err:  # the server or database cannot be reached
+    except Exception as err:  # the database cannot be reached
         return [f"MLflow tracking URI '{uri}' cannot be reached ({type(err).__name__}: {str(err)[:200]}); "
-                f"start the tracking server ({SERVER_RECIPE}) or fix --tracking-uri"]
-    if scheme in ("http", "https"):
-        return []
+                f"fix --tracking-uri, or start a tracking server ({SERVER_RECIPE})"]
     problems = []
     for name, experiment in found.items():
         location = experiment.artifact_location if experiment else "./mlruns (created on first use)"

@@ -406,6 +406,11 @@ def test_bad_cluster_setups_fail_before_submitting(cluster, server, synthetic, t
     assert "is a file on this machine" in err and "mlflow server --backend-store-uri" in err
     err = run("--storage", good_storage, "--tracking-uri", server["database"]())  # a database: artifacts stay local
     assert "a local path other nodes cannot read" in err and "--serve-artifacts" in err
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    err = run("--storage", good_storage, "--tracking-uri", closed)
+    assert f"MLflow tracking server {closed} does not answer" in err
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     err = run("--storage", good_storage, "--tracking-uri", server["uri"])
     assert "'sbatch' is not on PATH" in err and "--launcher local" in err
