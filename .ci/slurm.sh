@@ -49,6 +49,12 @@ NodeName=$HOST CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 
+if ! [ -s /etc/munge/munge.key ]; then  # the package normally creates it; a bare image may not have run that
+  mkdir -p /etc/munge
+  dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+  chown munge:munge /etc/munge/munge.key
+  chmod 400 /etc/munge/munge.key
+fi
 if ! pgrep -x munged >/dev/null; then
   chown munge:munge /run/munge
   runuser -u munge -- munged
