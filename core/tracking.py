@@ -96,7 +96,7 @@ class Tracker:
         self.client = get_client(uri)
         if run_id is None:
             experiment_id = ensure_experiment(self.client, experiment)
-            all_tags = dict(tags or {})
+            all_tags = {k: str(v) for k, v in (tags or {}).items()}  # a tracking server takes strings only
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             if run_name:

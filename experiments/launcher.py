@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 
 from core.tracking import FINISHED, Tracker, find_runs, get_client
 from experiments.matrix import Cell, Matrix
+from experiments.slurm_env import slurm_identity, worker_detail
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -50,6 +51,7 @@ class LaunchOptions:
     grace_s: int = 30
     max_retry: int = 3
     progress: bool = True
+    nproc_per_cell: int = 1  # > 1: each cell trains under torchrun --nproc_per_node N (a multi-GPU worker)
 
 
 def open_storage(opts: LaunchOptions) -> RDBStorage:
@@ -115,7 +117,7 @@ def cell_states(matrix: Matrix, storage: RDBStorage, study: optuna.Study) -> dic
         owner = attempts[-1].user_attrs.get("trial_number")
         trial = trials.get(owner)
         if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
-            states[cell.cell_id] = ("running", attempts[-1].user_attrs.get("worker", ""))
+            states[cell.cell_id] = ("running", worker_detail(attempts[-1].user_attrs))
         elif trial.state == TrialState.COMPLETE:
             states[cell.cell_id] = ("done", "")
         elif "failure_reason" in trial.user_attrs:
@@ -138,6 +140,8 @@ def try_claim(storage: RDBStorage, matrix: Matrix, study: optuna.Study, cell_id:
         return False
     storage.set_study_user_attr(claim_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
     storage.set_study_user_attr(claim_id, "trial_number", trial_number)
+    for key, value in slurm_identity().items():  # which SLURM job and node hold the cell
+        storage.set_study_user_attr(claim_id, key, value)
     return True
 
 
@@ -209,9 +213,14 @@ def run_cell(cell: Cell, matrix: Matrix, parent: str, opts: LaunchOptions) -> fl
     cfg = cell.config
     if opts.tracking_uri:
         cfg.tracking.uri = opts.tracking_uri
-    result = train(cfg, resume=True, parent_run_id=parent, progress=opts.progress,
-                   tags={"matrix": matrix.name, "cell_id": cell.cell_id, "cell_label": cell.label})
-    return float(result.metrics.get("zeroshot_auroc", math.nan))
+    tags = {"matrix": matrix.name, "cell_id": cell.cell_id, "cell_label": cell.label, **slurm_identity()}
+    if opts.nproc_per_cell > 1:
+        from experiments.torchrun_cell import train_with_torchrun
+
+        metrics = train_with_torchrun(cfg, opts.nproc_per_cell, parent, tags)
+    else:
+        metrics = train(cfg, resume=True, parent_run_id=parent, progress=opts.progress, tags=tags).metrics
+    return float(metrics.get("zeroshot_auroc", math.nan))
 
 
 def work(matrix: Matrix, opts: LaunchOptions) -> dict[str, tuple[str, str]]:

@@ -12,6 +12,7 @@ A matrix YAML::
     include: [{model.attention: sdpa, model.norm: rmsnorm}]      # extra cells
     repeats: 1                             # seeds per cell: train.seed + 0 .. repeats-1
     baseline: {model.attention: standard, model.loss: clip}     # the row others are compared with
+    slurm: {partition: gpu, time: "12:00:00"}                    # --launcher slurm settings (experiments/slurm.py)
 
 Each cell's id is ``config_id`` of its resolved config, so the same settings
 always map to the same cell, whatever matrix they appear in. A cell whose
@@ -39,8 +40,10 @@ from core.config import (
 from core.encoders.base import unsupported_axes
 from core.naming import component_values, config_label
 from core.registry import ConfigError, closest
+from experiments.slurm import slurm_options
 
-MATRIX_KEYS = ("name", "description", "base", "overrides", "axes", "exclude", "include", "repeats", "baseline")
+MATRIX_KEYS = ("name", "description", "base", "overrides", "axes", "exclude", "include", "repeats", "baseline",
+               "slurm")
 
 @dataclass
 class Cell:
@@ -128,6 +131,7 @@ def load_matrix(source: str | Path | dict[str, Any]) -> Matrix:
     path = None if isinstance(source, dict) else Path(source)
     data = source if isinstance(source, dict) else load_yaml(path)
     _check_keys(data, path)
+    slurm_options(data.get("slurm"))  # cluster settings are checked even when the matrix runs locally
     name = str(data.get("name") or (path.stem if path else "matrix"))
     base = _base_config(data, path)
     axes = {str(k): list(v) if isinstance(v, list) else [v] for k, v in (data.get("axes") or {}).items()}

@@ -23,10 +23,27 @@ def run(args: argparse.Namespace) -> int:
     print(f"matrix '{matrix.name}': {len(matrix.cells)} cells, {len(matrix.runnable)} to run, {len(skipped)} skipped")
     for cell in skipped:
         print(f"  skipped {cell.cell_id} ({cell.label}): {cell.skip_reason}")
+    if args.launcher == "slurm":
+        return _submit_slurm(matrix, args)
     status = launch(matrix, _options(args), workers=args.workers, matrix_path=args.file)
     if args.workers != 1 or status == 0:
         print_status(matrix, _options(args))
     return status
+
+
+def _submit_slurm(matrix, args: argparse.Namespace) -> int:
+    """Submit the workers as a SLURM job array, print the job ids and how to watch them, and return."""
+    from experiments.slurm import slurm_options, submit
+
+    flags = {"partition": args.partition, "time": args.time, "gpus_per_worker": args.gpus_per_worker,
+             "cpus_per_worker": args.cpus_per_worker, "mem": args.mem, "account": args.account, "qos": args.qos,
+             "sbatch": args.sbatch, "setup": args.setup, "log_dir": args.slurm_logs}
+    slurm = slurm_options(matrix.raw.get("slurm"), flags)
+    jobs = submit(matrix, _options(args), slurm, args.workers)
+    print(f"submitted {len(jobs)} SLURM worker job(s): {' '.join(jobs)}")
+    print(f"  logs: {slurm.log_dir}/<job id>/   watch: squeue --me; ctlab matrix status {args.file} "
+          f"--storage {args.storage}" + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""))
+    return 0
 
 
 def status(args: argparse.Namespace) -> int:
@@ -71,7 +88,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="seconds without heartbeat after which a worker's cell is handed out again")
         sub.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name == "run":
-            sub.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+            sub.add_argument("--workers", type=int, default=1,
+                             help="worker processes on this machine, or SLURM array tasks with --launcher slurm")
+            _add_slurm_arguments(sub)
         sub.set_defaults(func=func)
 
 
+
+
+def _add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--launcher`` and the cluster settings; each overrides the matrix YAML's ``slurm:`` block."""
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="local: worker processes here (default); slurm: a SLURM job array through submitit")
+    group = parser.add_argument_group("SLURM (with --launcher slurm; default: the matrix's slurm: block)")
+    group.add_argument("--partition", help="partition to submit to")
+    group.add_argument("--time", help="time limit per worker job: minutes, H:MM:SS or D-HH:MM:SS (default 24:00:00)")
+    group.add_argument("--gpus-per-worker", type=int,
+                       help="GPUs per worker job; > 1 trains each cell with torchrun --nproc_per_node N")
+    group.add_argument("--cpus-per-worker", type=int, help="CPUs per worker job")
+    group.add_argument("--mem", help="memory per worker job, e.g. 64G")
+    group.add_argument("--account", help="SLURM account to charge")
+    group.add_argument("--qos", help="quality of service")
+    group.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                       help="extra #SBATCH option, e.g. --sbatch=--constraint=h100 (repeatable)")
+    group.add_argument("--setup", action="append", default=[], metavar="LINE",
+                       help="shell line run in the job before the worker, e.g. 'module load cuda' (repeatable)")
+    group.add_argument("--slurm-logs", help="folder for job scripts and logs, on a shared filesystem "
+                                            "(default slurm-logs)")

@@ -1,0 +1,443 @@
+"""`ctlab matrix run --launcher slurm`: settings, checks before submitting, and whole matrices on a real SLURM cluster
+(.ci/slurm.sh) with an MLflow tracking server on PostgreSQL (.ci/postgres.sh): every cell once, scancel, requeue and
+the time-limit signal resume cells from their checkpoint step."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from core.cli import main
+from core.data import PATHOLOGIES
+from core.registry import ConfigError
+from core.tracking import find_runs
+from experiments.launcher import LaunchOptions
+from experiments.matrix import load_matrix
+from experiments.slurm import make_executor, sbatch_parameters, slurm_options, time_minutes
+from experiments.slurm_env import slurm_identity, worker_detail
+from experiments.status import status_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ settings (fast)
+
+
+def test_slurm_block_is_strict_and_flags_override_it():
+    opts = slurm_options({"partition": "gpu", "time": "2:00:00", "gpus_per_worker": 4, "sbatch": "--exclusive"},
+                         {"partition": "debug", "mem": "64G", "sbatch": []})
+    assert (opts.partition, opts.time, opts.gpus_per_worker, opts.mem, opts.sbatch) == \
+        ("debug", "2:00:00", 4, "64G", ["--exclusive"])
+    with pytest.raises(ConfigError, match="unknown key 'gpus_per_node'; did you mean 'gpus_per_worker'"):
+        slurm_options({"gpus_per_node": 2})
+    with pytest.raises(ConfigError, match="slurm.cpus_per_worker must be a whole number"):
+        slurm_options({"cpus_per_worker": "8"})
+    with pytest.raises(ConfigError, match="slurm.time '90 minutes' is not a SLURM time limit"):
+        slurm_options({"time": "90 minutes"})
+    with pytest.raises(ConfigError, match="unknown key 'partion'; did you mean 'partition'"):
+        load_matrix({"name": "m", "base": {}, "axes": {"model.loss": ["clip"]}, "slurm": {"partion": "gpu"}})
+
+
+@pytest.mark.parametrize(("text", "minutes"), [("90", 90), ("1:30:00", 90), ("2-00", 2880), ("1-02:30:00", 1590),
+                                               ("45:30", 46), ("0:00:10", 1)])
+def test_time_limits_in_slurm_formats(text, minutes):
+    assert time_minutes(text) == minutes
+
+
+def test_sbatch_script_carries_the_cluster_settings(tmp_path):
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    assert sbatch_parameters(["#SBATCH --constraint=h100", "--exclusive", "--reservation big"]) == \
+        {"constraint": "h100", "exclusive": True, "reservation": "big"}
+    with pytest.raises(ConfigError, match="not an sbatch option"):
+        sbatch_parameters(["constraint=h100"])
+    opts = slurm_options({"partition": "gpu", "time": "1-00:00:00", "gpus_per_worker": 4, "cpus_per_worker": 16,
+                          "mem": "128G", "account": "lab", "qos": "high", "sbatch": ["--constraint=h100"],
+                          "setup": ["module load cuda"], "log_dir": str(tmp_path)})
+    executor = make_executor(opts, workers=3, name="paper")
+    script = _make_sbatch_string(command="python -m worker", folder=tmp_path / "%j", map_count=3,
+                                 **executor.parameters)
+    for line in ("--partition=gpu", "--time=1440", "--gpus-per-node=4", "--cpus-per-task=16", "--mem=128G",
+                 "--account=lab", "--qos=high", "--constraint=h100", "--array=0-2%3", "--job-name=ctlab-paper",
+                 "--signal=USR2@120"):
+        assert f"#SBATCH {line}\n" in script
+    assert "module load cuda" in script
+
+
+def test_runs_and_status_name_the_job_and_node():
+    env = {"SLURM_JOB_ID": "812", "SLURM_ARRAY_JOB_ID": "810", "SLURM_ARRAY_TASK_ID": "2", "SLURMD_NODENAME": "gpu07"}
+    tags = slurm_identity(env)
+    assert tags == {"slurm.job_id": "810_2", "slurm.array_index": "2", "slurm.node": "gpu07"}
+    assert worker_detail({**tags, "worker": "gpu07:4242"}) == "job 810_2 on gpu07"
+    assert slurm_identity({}) == {} and worker_detail({"worker": "laptop:11"}) == "laptop:11"
+
+
+def test_requeued_job_hands_back_the_cell_its_earlier_run_held(tmp_path, monkeypatch):
+    from experiments.launcher import cell_states, open_storage, open_study, try_claim
+    from experiments.slurm import release_own_claims
+
+    matrix = load_matrix({"name": "requeued", "base": {}, "axes": {"model.loss": ["clip", "siglip"]}})
+    opts = LaunchOptions(storage=f"sqlite:///{tmp_path}/optuna.db")
+    storage = open_storage(opts)
+    study = open_study(matrix, storage)
+    cell = matrix.runnable[0].cell_id
+    for key, value in {"SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "1",
+                       "SLURMD_NODENAME": "gpu03"}.items():
+        monkeypatch.setenv(key, value)
+    assert try_claim(storage, matrix, study, cell, study.ask().number)
+    assert cell_states(matrix, storage, study)[cell] == ("running", "job 40_1 on gpu03")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")  # another job of the array: the cell is not its to release
+    assert release_own_claims(matrix, storage, study) == []
+    assert cell_states(matrix, storage, study)[cell][0] == "running"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")  # the same job id, started again by a requeue
+    assert release_own_claims(matrix, storage, study) == [cell]
+    assert cell_states(matrix, storage, study)[cell] == ("pending", "retry after attempt 1")
+
+
+# ------------------------------------------------------------------ the cluster
+
+
+def _base(data_dir: Path, out: Path, steps: int, checkpoint_every: int = 0) -> dict:
+    return {
+        "model": {"encoder": "ctvit", "preset": "tiny", "text_encoder": "tiny-random", "latent_dim": 32,
+                  "encoder_args": {"dim": 32, "patch": 8, "temporal_patch": 4, "heads": 2, "dim_head": 16}},
+        "data": {"root": str(data_dir / "root"), "cache_dir": str(data_dir / "cache"), "target_shape": [16, 32, 32],
+                 "target_spacing": [15.0, 9.0, 9.0], "num_workers": 0},
+        "train": {"max_steps": steps, "epochs": 100, "batch_size": 4, "lr": 1e-4, "warmup_steps": 1,
+                  "output_dir": str(out), "checkpoint_every": checkpoint_every, "log_every": 1},
+        "eval": {"bootstrap": 0, "batch_size": 8, "every_epoch": False},
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster() -> str:
+    """The SLURM cluster .ci/slurm.sh starts (its node idle or busy); skipped without `sinfo`."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        if os.environ.get("CTLAB_REQUIRE_SERVICES"):
+            pytest.fail("CTLAB_REQUIRE_SERVICES is set but sinfo/sbatch are missing: .ci/slurm.sh did not run")
+        pytest.skip("no SLURM here (`sinfo` is not on PATH); bash .ci/slurm.sh installs and starts one")
+    states = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30).stdout.split()
+    if not any(s.rstrip("*") in ("idle", "mix", "alloc") for s in states):
+        pytest.fail(f"SLURM has no usable node (sinfo states: {states}); run bash .ci/slurm.sh")
+    return states[0]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> dict:
+    """An `mlflow server` on a fresh PostgreSQL database serving artifacts over HTTP, plus a database maker."""
+    import psycopg
+
+    pg = os.environ.get("CTLAB_TEST_POSTGRES_URI")
+    if not pg:
+        if os.environ.get("CTLAB_REQUIRE_SERVICES"):
+            pytest.fail("CTLAB_REQUIRE_SERVICES is set but CTLAB_TEST_POSTGRES_URI is not: the server did not start")
+        pytest.skip("CTLAB_TEST_POSTGRES_URI is not set (bash .ci/postgres.sh starts a server and prints it)")
+    admin = pg.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    created: list[str] = []
+
+    def database() -> str:
+        name = f"ctlab_slurm_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        created.append(name)
+        return f"{pg}/{name}"
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (folder / "server.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", database(),
+                             "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=5) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield {"uri": uri, "database": database, "artifacts": folder / "artifacts"}
+    os.killpg(proc.pid, 9)  # a throw-away server: no graceful shutdown to wait for
+    proc.wait(timeout=30)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for name in created:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("synthetic")
+    assert main(["data", "synth", "--out", str(folder / "root"), "--train", "8", "--valid", "8", "--seed", "3",
+                 "--shape", "16", "32", "32", "--workers", "1", "--no-progress"]) == 0
+    return folder
+
+
+def _write(tmp_path: Path, name: str, base: dict, axes: dict, **fields) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "base": base, "axes": axes, **fields}))
+    return path
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _ctlab(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "core.cli", *args], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _submit(path: Path, tracking: str, storage: str, workers: int, *extra: str) -> list[str]:
+    result = _ctlab("matrix", "run", str(path), "--launcher", "slurm", "--workers", str(workers), "--tracking-uri",
+                    tracking, "--storage", storage, "--heartbeat", "2", "--grace", "6", "--no-progress",
+                    "--time", "20", "--cpus-per-worker", "1", "--slurm-logs", str(path.parent / "slurm-logs"),
+                    *extra, cwd=path.parent)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    match = re.search(r"submitted \d+ SLURM worker job\(s\): (.+)", result.stdout)
+    assert match, result.stdout
+    return match.group(1).split()
+
+
+def _queued(array_id: str) -> list[str]:
+    """The array's tasks still queued; a requeued task SLURM holds back (its begin time is set ~3 minutes ahead)
+    is made eligible now, so the test does not sit out that delay."""
+    out = subprocess.run(["squeue", "-h", "-r", "-j", array_id, "-o", "%i %T %r"], capture_output=True, text=True,
+                         timeout=30)
+    lines = out.stdout.strip().splitlines()
+    for line in lines:
+        job, state, reason = (line.split() + ["", ""])[:3]
+        if state == "PENDING" and reason == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30)
+    return lines
+
+
+def _logs(folder: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(folder.rglob("*.err")))
+
+
+def _wait_done(array_id: str, logs: Path, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while _queued(array_id):
+        if time.time() > deadline:
+            subprocess.run(["scancel", array_id], timeout=30)
+            pytest.fail(f"SLURM jobs {array_id} still queued after {timeout:.0f} s:\n{_logs(logs)}")
+        time.sleep(1)
+
+
+def _train_runs(uri: str, matrix: str) -> list:
+    return find_runs(uri, f"tags.matrix = '{matrix}' and tags.`ctlab.kind` = 'train'")
+
+
+def _steps(uri: str, run_id: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "train_loss"))
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.postgres
+def test_matrix_on_slurm_finishes_each_cell_once_with_artifacts_on_the_server(cluster, server, synthetic, tmp_path):
+    base = _base(synthetic, tmp_path / "runs", steps=3)
+    path = _write(tmp_path, "slurm4", base, {"model.norm": ["layernorm", "rmsnorm"], "model.loss": ["clip", "siglip"]})
+    storage = server["database"]()
+    start = time.time()
+    jobs = _submit(path, server["uri"], storage, 2)
+    array_id = jobs[0].split("_")[0]
+    assert sorted(jobs) == [f"{array_id}_0", f"{array_id}_1"]
+    _wait_done(array_id, tmp_path / "slurm-logs")
+    print(f"SLURM 4-cell matrix, 2 workers: {time.time() - start:.1f} s from submit to the last job's end")
+
+    cells = {c.cell_id for c in load_matrix(path).runnable}
+    runs = _train_runs(server["uri"], "slurm4")
+    assert Counter(r.data.tags["cell_id"] for r in runs if r.info.status == "FINISHED") == {c: 1 for c in cells}, \
+        _logs(tmp_path / "slurm-logs")
+    assert len(runs) == 4
+    node = subprocess.run(["sinfo", "-h", "-o", "%n"], capture_output=True, text=True).stdout.split()[0]
+    for run in runs:
+        assert run.data.tags["slurm.job_id"] in jobs
+        assert run.data.tags["slurm.array_index"] == run.data.tags["slurm.job_id"].split("_")[1]
+        assert run.data.tags["slurm.node"] == node
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    client = MlflowClient(server["uri"])
+    per_label = Path(client.download_artifacts(runs[0].info.run_id, "zeroshot_per_label.csv", str(tmp_path)))
+    table = pd.read_csv(per_label)
+    assert sorted(set(table["pathology"])) == sorted(PATHOLOGIES) and table["auroc"].notna().sum() > 0
+    assert any(server["artifacts"].rglob("zeroshot_per_label.csv"))  # stored by the server, not by the workers
+    parent = find_runs(server["uri"], "tags.matrix = 'slurm4' and tags.`ctlab.kind` = 'matrix'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    status = _ctlab("matrix", "status", str(path), "--tracking-uri", server["uri"], "--storage", storage,
+                    cwd=tmp_path)
+    assert "4 done" in status.stdout, status.stdout + status.stderr
+
+
+def _job_of(run) -> str:
+    return run.data.tags["slurm.job_id"]
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.postgres
+def test_scancel_mid_cell_resumes_it_from_its_checkpoint_step_once(cluster, server, synthetic, tmp_path):
+    out = tmp_path / "runs"
+    steps = 60
+    path = _write(tmp_path, "slurm-cancel", _base(synthetic, out, steps=steps, checkpoint_every=50),
+                  {"model.attention": ["standard", "sdpa"]})
+    cells = load_matrix(path).runnable
+    storage = server["database"]()
+    jobs = _submit(path, server["uri"], storage, 2)
+    array_id = jobs[0].split("_")[0]
+    deadline = time.time() + 300
+    history: list[int] = []
+    while time.time() < deadline:  # wait until some cell is mid-way
+        runs = [r for r in _train_runs(server["uri"], "slurm-cancel") if r.info.status == "RUNNING"]
+        history = _steps(server["uri"], runs[0].info.run_id) if runs else []
+        if history and 3 <= max(history) < steps // 2:
+            break
+        time.sleep(0.3)
+    assert history, _logs(tmp_path / "slurm-logs")
+    run = runs[0]
+    victim = _job_of(run)
+    table = status_table(load_matrix(path), LaunchOptions(storage=storage, tracking_uri=server["uri"]))
+    holder = table.set_index("cell").loc[run.data.tags["cell_id"]]
+    assert (holder["state"], holder["detail"]) == ("running", f"job {victim} on {run.data.tags['slurm.node']}")
+    subprocess.run(["scancel", victim], check=True, timeout=30)
+    cell = next(c for c in cells if c.cell_id == run.data.tags["cell_id"])
+    _wait_done(array_id, tmp_path / "slurm-logs")
+
+    logs = _logs(tmp_path / "slurm-logs")
+    saved = re.search(rf"worker {victim} .*stopped: SIGTERM", logs)
+    assert saved, logs
+    resumed = re.findall(rf"resuming \S*{cell.cell_id} from step (\d+)", logs)
+    assert len(resumed) == 1, logs
+    resumed_step = int(resumed[0])
+    assert 3 <= resumed_step < steps  # from the step it was cancelled at, not from zero
+    runs = _train_runs(server["uri"], "slurm-cancel")
+    assert Counter(r.data.tags["cell_id"] for r in runs if r.info.status == "FINISHED") == \
+        {c.cell_id: 1 for c in cells}
+    final = next(r for r in runs if r.data.tags["cell_id"] == cell.cell_id)
+    assert final.info.run_id == run.info.run_id and final.info.status == "FINISHED"
+    assert _steps(server["uri"], final.info.run_id) == list(range(1, steps + 1))  # every step once: no retraining
+    assert _job_of(final) != victim  # the other worker finished it
+    print(f"scancel {victim}: cell {cell.cell_id} ({cell.label}) resumed from step {resumed_step} by {_job_of(final)}")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.postgres
+def test_requeue_and_time_limit_signal_resume_cells_from_their_checkpoint(cluster, server, synthetic, tmp_path):
+    out = tmp_path / "runs"
+    steps = 60
+    path = _write(tmp_path, "slurm-requeue", _base(synthetic, out, steps=steps, checkpoint_every=50),
+                  {"model.attention": ["standard", "sdpa"]})
+    cells = {c.cell_id: c for c in load_matrix(path).runnable}
+    storage = server["database"]()
+    jobs = _submit(path, server["uri"], storage, 2)
+    array_id = jobs[0].split("_")[0]
+    deadline = time.time() + 300
+    interrupted: dict[str, tuple[str, str]] = {}  # cell → (job, how)
+    while len(interrupted) < 2 and time.time() < deadline:
+        for run in _train_runs(server["uri"], "slurm-requeue"):
+            cid = run.data.tags["cell_id"]
+            if cid in interrupted or run.info.status != "RUNNING":
+                continue
+            history = _steps(server["uri"], run.info.run_id)
+            if history and 3 <= max(history) < steps // 2:
+                how = "requeue" if not interrupted else "USR2"
+                command = ["scontrol", "requeue", _job_of(run)] if how == "requeue" else \
+                    ["scancel", "--signal=USR2", _job_of(run)]
+                subprocess.run(command, check=True, timeout=30)
+                interrupted[cid] = (_job_of(run), how)
+        time.sleep(0.3)
+    assert len(interrupted) == 2, _logs(tmp_path / "slurm-logs")
+    _wait_done(array_id, tmp_path / "slurm-logs")
+
+    logs = _logs(tmp_path / "slurm-logs")
+    assert "stopped: time limit or preemption signal" in logs and "requeued job" in logs, logs
+    runs = _train_runs(server["uri"], "slurm-requeue")
+    assert Counter(r.data.tags["cell_id"] for r in runs if r.info.status == "FINISHED") == {c: 1 for c in cells}
+    for cid, (job, how) in interrupted.items():
+        resumed = re.findall(rf"resuming \S*{cid} from step (\d+)", logs)
+        assert len(resumed) == 1 and 3 <= int(resumed[0]) < steps, (how, logs)
+        final = next(r for r in runs if r.data.tags["cell_id"] == cid)
+        assert _steps(server["uri"], final.info.run_id) == list(range(1, steps + 1))
+        show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+        assert "Restarts=1" in show, show  # the same job ran again
+        print(f"{how} {job}: cell {cid} ({cells[cid].label}) resumed from step {resumed[0]}")
+
+
+@pytest.mark.slurm
+@pytest.mark.postgres
+def test_bad_cluster_setups_fail_before_submitting(cluster, server, synthetic, tmp_path, monkeypatch, capsys):
+    path = _write(tmp_path, "slurm-bad", _base(synthetic, tmp_path / "runs", steps=2), {"model.loss": ["clip"]})
+    logs = tmp_path / "slurm-logs"
+    queued_before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    good_storage = server["database"]()
+
+    def run(*args: str) -> str:
+        code = main(["matrix", "run", str(path), "--launcher", "slurm", "--workers", "2", "--slurm-logs", str(logs),
+                     "--no-progress", *args])
+        assert code == 2
+        return capsys.readouterr().err
+
+    err = run("--storage", f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", server["uri"])
+    assert "SQLite file" in err and "--storage postgresql+psycopg://" in err
+    err = run("--storage", good_storage, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
+    assert "is a file on this machine" in err and "mlflow server --backend-store-uri" in err
+    err = run("--storage", good_storage, "--tracking-uri", server["database"]())  # a database: artifacts stay local
+    assert "a local path other nodes cannot read" in err and "--serve-artifacts" in err
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    err = run("--storage", good_storage, "--tracking-uri", closed)
+    assert f"MLflow tracking server {closed} does not answer" in err
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    err = run("--storage", good_storage, "--tracking-uri", server["uri"])
+    assert "'sbatch' is not on PATH" in err and "--launcher local" in err
+    assert not logs.exists()  # nothing was submitted
+    monkeypatch.undo()
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == queued_before
+
+
+@pytest.mark.slow
+def test_multi_gpu_worker_trains_each_cell_under_torchrun(synthetic, tmp_path, monkeypatch):
+    """A worker with G > 1 devices trains its cell as G DDP ranks (gloo on CPU here); rank 0 logs one run."""
+    from core.data.dataset import CachedCTDataset
+    from experiments.launcher import launch
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base = _base(synthetic, tmp_path / "runs", steps=1)
+    base["train"].update({"max_steps": None, "epochs": 2, "batch_size": 2})
+    path = _write(tmp_path, "ddp", base, {"model.loss": ["clip"]})
+    matrix = load_matrix(path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    opts = LaunchOptions(storage=f"sqlite:///{tmp_path}/optuna.db", tracking_uri=uri, progress=False,
+                         nproc_per_cell=2)
+    assert launch(matrix, opts) == 0
+    runs = _train_runs(uri, "ddp")
+    assert [r.info.status for r in runs] == ["FINISHED"]  # one run: only rank 0 logs
+    volumes = len(CachedCTDataset(matrix.runnable[0].config.data, "train"))
+    per_rank_steps = (volumes // 2) // 2  # each rank takes half the volumes, 2 per step
+    assert _steps(uri, runs[0].info.run_id) == list(range(1, 2 * per_rank_steps + 1))  # 1 process: twice the steps
+    assert "zeroshot_auroc" in runs[0].data.metrics
