@@ -216,7 +216,8 @@ FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 
 def log_efficiency_runs(rows: list[dict[str, dict[str, Any]]], uri: str | None = None,
                         experiment: str = "efficiency") -> list[str]:
-    """One FINISHED run per bench record (``core.bench.bench_to_mlflow_rows``) in the ``efficiency`` experiment."""
+    """One FINISHED run per bench record (``core.bench.model.bench_to_mlflow_rows``) in the ``efficiency``
+    experiment."""
     run_ids = []
     for row in rows:
         device = str(row["params"].get("bench.device", "cpu"))
