@@ -68,6 +68,13 @@ class Report:
     figures: dict[str, Path] = field(default_factory=dict)
     run_ids: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    parent_run_id: str | None = None
+    headline: dict[str, float] = field(default_factory=dict)  # metrics for the matrix's parent run
+    headline_tags: dict[str, str] = field(default_factory=dict)  # which configurations they belong to
+
+    def files(self) -> list[Path]:
+        """Every file this report wrote: report.md, then each table's files and each figure."""
+        return [self.path, *(p for paths in self.tables.values() for p in paths.values()), *self.figures.values()]
 
 
 def load_reference(path: Path = REFERENCE) -> dict[str, Any]:
@@ -179,6 +186,13 @@ def build_report(tracking_uri: str, matrix: str, out: str | Path, baseline: str 
 
     best = performance.loc[performance["auroc"].idxmax(), "config"] if performance["auroc"].notna().any() else base
     roles = {base: "baseline"} if best == base else {best: "best (highest AUROC)", base: "baseline"}
+    auroc = performance.set_index("config")["auroc"]
+    report.parent_run_id = parent
+    report.headline = {k: float(v) for k, v in {
+        "best_zeroshot_auroc": auroc.get(best), "baseline_zeroshot_auroc": auroc.get(base),
+        "best_vs_baseline_delta_auroc": auroc.get(best) - auroc.get(base), "configurations": len(runs),
+    }.items() if v is not None and pd.notna(v)}
+    report.headline_tags = {"best_config": best, "baseline_config": base}
     shown = {config: predictions[config] for config in roles if predictions.get(config) is not None}
     if shown:
         report.figures["roc"] = figures.roc_curves(shown, roles, figures_dir / "roc_best_vs_baseline.png",
