@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,11 @@ CLOSE_ASSISTANT = '[data-component-id="mlflow.assistant.chat_panel.close"]'
 RUN_NAME_HEADER = '.ag-header-cell[col-id="attributes.`Run Name`"]'
 SEARCH_BOX = '[data-testid="search-box"]'
 T = TypeVar("T")
+
+
+def runs_listed(text: str) -> bool:
+    """Whether a runs table has loaded some runs ("3 matching runs"; it reads "0 matching runs" while loading)."""
+    return re.search(r"\b[1-9]\d* matching runs", text) is not None
 
 
 def free_port() -> int:
@@ -102,10 +108,10 @@ class Page:
         await asyncio.sleep(settle)
         return await self.text()
 
-    async def goto(self, url: str, expect: str, timeout: float = 90.0) -> str:
-        """Open ``url`` and wait until ``expect`` shows."""
+    async def goto(self, url: str, expect: str | Callable[[str], bool], timeout: float = 90.0) -> str:
+        """Open ``url`` and wait until ``expect`` (a text, or a test of the page text) shows."""
         await self.call("Page.navigate", url=url)
-        return await self.wait_for(lambda t: expect in t, timeout, settle=2.0)
+        return await self.wait_for(expect if callable(expect) else lambda t: expect in t, timeout, settle=2.0)
 
     async def type_into(self, selector: str, text: str) -> None:
         """Focus the element ``selector``, replace its value by typing ``text`` and press Enter."""
@@ -170,7 +176,7 @@ async def browse(steps: Callable[[Page], Awaitable[T]]) -> T:
             proc.wait()
 
 
-async def _render(url: str, screenshot: Path | None, expect: str, timeout: float) -> str:
+async def _render(url: str, screenshot: Path | None, expect: str | Callable[[str], bool], timeout: float) -> str:
     async def steps(page: Page) -> str:
         await page.goto(url, expect, timeout)
         await page.tidy_runs_table()
@@ -184,8 +190,10 @@ async def _render(url: str, screenshot: Path | None, expect: str, timeout: float
 
 
 def render_runs_page(ui_url: str, experiment_id: str, screenshot: Path | None = None,
-                     expect: str = "matching runs", timeout: float = 90.0) -> str:
-    """The visible text of an experiment's runs table (parents expanded); optionally saved as a PNG."""
+                     expect: str | Callable[[str], bool] = runs_listed, timeout: float = 90.0) -> str:
+    """The visible text of an experiment's runs table (parents expanded); optionally saved as a PNG.
+
+    Waits until ``expect`` shows (by default: some runs are listed; up to ``timeout`` seconds)."""
     url = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
     return asyncio.run(_render(url, screenshot, expect, timeout))
 
@@ -210,7 +218,7 @@ def browse_matrix(ui_url: str, experiment_id: str, parent_run_id: str, search: s
     base = ui_url.rstrip("/")
 
     async def steps(page: Page) -> MatrixView:
-        collapsed = await page.goto(f"{base}/#/experiments/{experiment_id}/runs", "matching runs", timeout)
+        collapsed = await page.goto(f"{base}/#/experiments/{experiment_id}/runs", runs_listed, timeout)
         await page.tidy_runs_table()
         await page.evaluate(EXPAND_PARENTS)
         expanded = await page.wait_for(lambda t: len(t) > len(collapsed), 20)
@@ -220,14 +228,31 @@ def browse_matrix(ui_url: str, experiment_id: str, parent_run_id: str, search: s
         await page.wait_for(lambda t: t != expanded, 30)
         await page.evaluate(EXPAND_PARENTS)
         searched = await page.wait_for(lambda t: False, 0, settle=3.0)
-        artifacts = await page.goto(f"{base}/#/experiments/{experiment_id}/runs/{parent_run_id}/artifacts",
-                                    "report.md", timeout)
-        await page.evaluate(f"document.querySelector({json.dumps(CLOSE_ASSISTANT)})?.click()")
-        report = ""
-        if await page.click_text("report.md"):
-            report = await page.wait_for(lambda t: "Ablation report" in t, 30)
-        if artifacts_png is not None:
-            await page.screenshot(artifacts_png)
+        artifacts, report = await _open_artifact(page, base, experiment_id, parent_run_id, "report.md",
+                                                 "Ablation report", artifacts_png, timeout)
         return MatrixView(collapsed, expanded, searched, artifacts, report)
+
+    return asyncio.run(browse(steps))
+
+
+async def _open_artifact(page: Page, base: str, experiment_id: str, run_id: str, name: str, expect: str,
+                         screenshot: Path | None, timeout: float) -> tuple[str, str]:
+    """Open a run's Artifacts tab, click ``name`` to preview it; the tab's text before and after the click."""
+    listing = await page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/artifacts", name, timeout)
+    await page.evaluate(f"document.querySelector({json.dumps(CLOSE_ASSISTANT)})?.click()")
+    preview = ""
+    if await page.click_text(name):
+        preview = await page.wait_for(lambda t: expect in t, 30)
+    if screenshot is not None:
+        await page.screenshot(screenshot)
+    return listing, preview
+
+
+def render_run_artifact(ui_url: str, experiment_id: str, run_id: str, screenshot: Path, name: str = "report.md",
+                        expect: str = "Ablation report", timeout: float = 90.0) -> str:
+    """The text of a run's Artifacts tab previewing artifact ``name`` (a matrix parent's report.md), as a PNG."""
+    async def steps(page: Page) -> str:
+        return (await _open_artifact(page, ui_url.rstrip("/"), experiment_id, run_id, name, expect, screenshot,
+                                     timeout))[1]
 
     return asyncio.run(browse(steps))

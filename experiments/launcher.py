@@ -189,12 +189,11 @@ def parent_run_id(matrix: Matrix, storage: RDBStorage, tracking_uri: str | None)
             time.sleep(0.1)
         raise RuntimeError(f"no parent run appeared for matrix '{matrix.name}' in 60 s") from None
     cfg = matrix.runnable[0].config if matrix.runnable else matrix.cells[0].config
-    skipped = {c.cell_id: ("skipped", c.skip_reason or "") for c in matrix.cells if not c.runnable}
+    states = {c.cell_id: ("pending", "") if c.runnable else ("skipped", c.skip_reason or "") for c in matrix.cells}
     tracker = Tracker(tracking_uri or cfg.tracking.uri, cfg.tracking.experiment, run_name=matrix.name,
                       tags={"ctlab.kind": "matrix", "matrix": matrix.name, "cells_total": len(matrix.cells),
-                            "cells_skipped": len(skipped),
-                            DESCRIPTION_TAG: matrix_summary(matrix, {c.cell_id: ("pending", "") for c in matrix.cells
-                                                                     } | skipped)})
+                            "cells_skipped": len(matrix.cells) - len(matrix.runnable),
+                            DESCRIPTION_TAG: matrix_summary(matrix, states)})
     if matrix.path is not None:
         tracker.log_artifact(matrix.path)
     storage.set_study_user_attr(claim_id, "run_id", tracker.run_id)
@@ -261,8 +260,8 @@ def _record_failure(cell: Cell, matrix: Matrix, parent: str, cfg: Any, tags: dic
     """A FAILED child run with the reason when the cell failed before its training run existed (bad data, a
     model that cannot be built), so every failed cell shows in the UI."""
     runs = find_runs(cfg.tracking.uri, f"tags.cell_id = '{cell.cell_id}' and tags.matrix = '{matrix.name}'")
-    if any(r.info.start_time >= started_ms for r in runs):
-        return  # the training run exists and recorded the failure itself
+    if any(r.info.start_time >= started_ms or (r.info.end_time or 0) >= started_ms for r in runs):
+        return  # the training run (new, or resumed from a checkpoint) exists and recorded the failure itself
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name,
                       parent_run_id=parent, tags={"ctlab.kind": "train", **tags})
     tracker.log_config(cfg)
