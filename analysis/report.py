@@ -68,6 +68,13 @@ class Report:
     figures: dict[str, Path] = field(default_factory=dict)
     run_ids: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    parent_run_id: str | None = None
+    headline: dict[str, float] = field(default_factory=dict)  # metrics for the matrix's parent run
+    headline_tags: dict[str, str] = field(default_factory=dict)  # which configurations they belong to
+
+    def files(self) -> list[Path]:
+        """Every file this report wrote: report.md, then each table's files and each figure."""
+        return [self.path, *(p for paths in self.tables.values() for p in paths.values()), *self.figures.values()]
 
 
 def load_reference(path: Path = REFERENCE) -> dict[str, Any]:
@@ -167,22 +174,26 @@ def build_report(tracking_uri: str, matrix: str, out: str | Path, baseline: str 
         report.tables["per_pathology"] = {"csv": tables_dir / "per_pathology_auroc.csv"}
         report.figures["heatmap"] = figures.pathology_heatmap(pathology, figures_dir / "per_pathology_auroc.png")
     efficiency_runs = _efficiency_runs(tracking_uri, matrix)
-    configs = list(runs["config"])
-    if efficiency_runs is not None:
-        configs += [c for c in efficiency_runs["config"] if c not in configs]
-    colours = figures.palette(configs)
+    styles = figures.looks(pd.concat([runs, efficiency_runs]) if efficiency_runs is not None else runs)
     if performance[list(METRICS)].notna().any().any():
         report.figures["metrics"] = figures.metric_bars(performance, figures_dir / "metrics.png", first_protocol,
-                                                        colours)
+                                                        styles)
     else:
         notes.append("no zero-shot metrics (zeroshot_auroc, ...) were logged by these runs")
 
     best = performance.loc[performance["auroc"].idxmax(), "config"] if performance["auroc"].notna().any() else base
     roles = {base: "baseline"} if best == base else {best: "best (highest AUROC)", base: "baseline"}
+    auroc = performance.set_index("config")["auroc"]
+    report.parent_run_id = parent
+    report.headline = {k: float(v) for k, v in {
+        "best_zeroshot_auroc": auroc.get(best), "baseline_zeroshot_auroc": auroc.get(base),
+        "best_vs_baseline_delta_auroc": auroc.get(best) - auroc.get(base), "configurations": len(runs),
+    }.items() if v is not None and pd.notna(v)}
+    report.headline_tags = {"best_config": best, "baseline_config": base}
     shown = {config: predictions[config] for config in roles if predictions.get(config) is not None}
     if shown:
         report.figures["roc"] = figures.roc_curves(shown, roles, figures_dir / "roc_best_vs_baseline.png",
-                                                      colours)
+                                                      styles)
 
     loss = metric_histories(tracking_uri, runs, "train_loss")
     validation = metric_histories(tracking_uri, runs, "zeroshot_auroc")
@@ -190,7 +201,7 @@ def build_report(tracking_uri: str, matrix: str, out: str | Path, baseline: str 
         notes.append("no train_loss or zeroshot_auroc history was logged; no training curves")
     else:
         report.figures["curves"] = figures.training_curves(loss, validation, list(runs["config"]),
-                                                           figures_dir / "training_curves.png", colours)
+                                                           figures_dir / "training_curves.png", styles)
 
     efficiency = None
     if efficiency_runs is not None:
@@ -200,7 +211,7 @@ def build_report(tracking_uri: str, matrix: str, out: str | Path, baseline: str 
             efficiency, efficiency_display(efficiency), tables_dir, "efficiency",
             f"Efficiency, matrix {matrix}: peak memory (change vs {efficiency['config'].iloc[0]}), visual-encoder "
             "forward / backward and training-step time (median of repeats), speed-up = baseline step / step.")
-        report.figures["efficiency"] = figures.efficiency_bars(efficiency, figures_dir / "efficiency.png", colours)
+        report.figures["efficiency"] = figures.efficiency_bars(efficiency, figures_dir / "efficiency.png", styles)
 
     markdown = render_markdown(
         matrix=matrix, tracking_uri=tracking_uri, out=out, runs=runs, base=base, performance=performance,

@@ -15,7 +15,7 @@ import pandas as pd
 
 from core.config import NON_SEMANTIC_KEYS
 from core.data.pathologies import PATHOLOGIES
-from core.naming import AXES, short_name
+from core.naming import AXES, SEARCH_AXES, short_name
 from core.registry import ConfigError, closest
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 METRICS = ("auroc", "f1", "precision", "recall", "auprc")
 EFFICIENCY_METRICS = ("params_total", "params_trainable", "gflops", "peak_memory_mb", "visual_fwd_ms",
                       "visual_bwd_ms", "step_ms")
-_AXIS_PARAMS = tuple(f"params.model.{axis}" for axis in AXES)
+_AXIS_PARAMS = (*(f"params.model.{axis}" for axis in AXES), *(f"params.{key}" for key in SEARCH_AXES))
 
 
 def _metric(runs: pd.DataFrame, key: str) -> pd.Series:

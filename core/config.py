@@ -161,6 +161,8 @@ class TrackingConfig:
     experiment: str = "ctlab"
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    system_metrics: bool = True  # training runs log MLflow system metrics (CPU, memory; GPU on CUDA)
+    system_metrics_interval_s: float = 10.0  # seconds between system-metrics samples
 
 
 @dataclass
@@ -285,6 +287,8 @@ def validate(cfg: Config) -> Config:
         (cfg.train.epochs >= 1, "train.epochs: must be >= 1"),
         (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps: must be >= 1 or null"),
         (0.0 < cfg.eval.ci < 1.0, "eval.ci: must be in (0, 1), e.g. 0.95"),
+        (cfg.tracking.system_metrics_interval_s > 0,
+         "tracking.system_metrics_interval_s: must be > 0 (turn sampling off with tracking.system_metrics=false)"),
         (len(cfg.eval.protocols) >= 1, "eval.protocols: name at least one protocol, e.g. [ctclip]"),
         (cfg.model.latent_dim >= 1, "model.latent_dim: must be >= 1"),
     ]

@@ -1,11 +1,13 @@
-"""Row labels of configurations from their components: "SA+GELU+LN, softmax".
+"""Row labels of configurations from their components: "SA+GELU+LN, softmax"; run names and search tags.
 
 A run's label is its ``cell_label`` tag when the matrix set one; otherwise it
 is built from the run's params with the short names below (the names the
 "Modernizing CT-CLIP" tables use). An axis left unset (``None``) takes the
 encoder's default; an axis the encoder does not have is ``n/a`` and left out
 of the label. The order of each table below is also the order of rows in
-every report: the first name of each axis is the baseline's.
+every report: the first name of each axis is the baseline's. In the MLflow
+UI a run is named "SA+GELU+LN · softmax" (``run_name``) and carries each axis
+value as a tag and param under a short key (``axis_tags``).
 """
 
 from __future__ import annotations
@@ -91,3 +93,28 @@ def component_rank(values: Mapping[str, str]) -> tuple[int, ...]:
     """Sort key putting the baseline components first (each axis in ``SHORT_NAMES`` order, unknown values last)."""
     return tuple(list(SHORT_NAMES[a]).index(values[a]) if values[a] in SHORT_NAMES[a] else len(SHORT_NAMES[a])
                  for a in AXES)
+
+
+SEARCH_AXES = ("attention", "norm", "mlp", "loss", "encoder", "seed")
+"""The short keys every training run carries as tags and params, so ``tags.loss = 'siglip'`` finds runs."""
+
+
+def axis_tags(params: Mapping[str, object]) -> dict[str, str]:
+    """``{attention, norm, mlp, loss, encoder, seed}`` of a run's flattened params, for searching in the UI.
+
+    Values are the config's own names (``siglip``, ``rmsnorm``); an axis the encoder lacks is ``n/a``.
+    """
+    values = component_values(params)
+    seed = params.get("train.seed")
+    return {**{a: values[a] for a in SEARCH_AXES if a != "seed"}, "seed": "0" if _unset(seed) else str(seed)}
+
+
+def run_name(values: Mapping[str, str], extras: Mapping[str, object] | None = None) -> str:
+    """A run's name in the UI: "SA+GELU+LN · softmax", then what else tells it apart ("· seed 1", "· lr 0.001").
+
+    ``values`` comes from ``component_values``; ``extras`` maps short names to the other values the run's matrix
+    varies (``{"seed": 1}``), in order.
+    """
+    parts = [p.strip() for p in config_label(values).split(", ")]
+    parts += [f"{key} {value}" for key, value in (extras or {}).items()]
+    return " · ".join(p for p in parts if p)

@@ -9,6 +9,7 @@ listed in docs/contracts.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -21,13 +22,15 @@ import mlflow
 import pandas as pd
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 
 from core.config import Config, config_to_dict, flatten, save_config
+from core.naming import axis_tags
 from core.stores import artifact_root, resolve_uri
 
 log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the UI
 _BATCH = 500
 
 
@@ -84,13 +87,17 @@ class Tracker:
     """One MLflow run: params, tags, metrics and artifacts, ended FINISHED or FAILED with a reason.
 
     ``enabled=False`` (non-zero DDP ranks) turns every call into a no-op, so the
-    training loop never branches on rank to log.
+    training loop never branches on rank to log. ``system_metrics_s`` (seconds) samples
+    MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and memory on
+    CUDA, when pynvml is installed) into the run every that many seconds until it ends.
     """
 
     def __init__(self, uri: str | None, experiment: str, run_name: str | None = None, run_id: str | None = None,
-                 parent_run_id: str | None = None, tags: dict[str, str] | None = None, enabled: bool = True) -> None:
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None, enabled: bool = True,
+                 system_metrics_s: float | None = None) -> None:
         self.enabled = enabled
         self.run_id: str | None = run_id
+        self._monitor: Any = None
         if not enabled:
             return
         self.client = get_client(uri)
@@ -105,6 +112,27 @@ class Tracker:
         else:
             self.client.update_run(run_id, status="RUNNING")
             self.set_tags(tags or {})
+        if system_metrics_s:
+            self._start_system_metrics(system_metrics_s, resume=run_id is not None)
+
+    def _start_system_metrics(self, interval_s: float, resume: bool) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=resume,
+                                             tracking_uri=self.uri)
+        self._monitor.start()
+
+    def _stop_system_metrics(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()  # logs what it sampled since the last write
+            self._monitor = None
+
+    @classmethod
+    def attach(cls, uri: str | None, run_id: str) -> Tracker:
+        """A tracker on an existing run that leaves its status as it is (a finished matrix's parent run)."""
+        tracker = cls(uri, "", enabled=False)
+        tracker.enabled, tracker.run_id, tracker.client = True, run_id, get_client(uri)
+        return tracker
 
     @property
     def uri(self) -> str:
@@ -121,12 +149,34 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
     def log_config(self, cfg: Config) -> None:
-        """Every resolved config value as a param, and the resolved YAML as ``config.yaml``."""
+        """Every resolved config value as a param, the resolved YAML as ``config.yaml``, and each ablation axis
+        (``attention``, ``norm``, ``mlp``, ``loss``, ``encoder``, ``seed``) as a tag and param under its short key."""
         if not self.enabled:
             return
-        self.log_params(flatten(config_to_dict(cfg)))
+        params = flatten(config_to_dict(cfg))
+        searchable = axis_tags(params)
+        self.log_params({**params, **searchable})
+        self.set_tags(searchable)
         with tempfile.TemporaryDirectory() as tmp:
             self.client.log_artifact(self.run_id, str(save_config(cfg, Path(tmp) / "config.yaml")))
+
+    def log_datasets(self, splits: dict[str, Any], source: str | Path, name: str) -> None:
+        """Each split the run reads as an MLflow dataset input (what ``mlflow.log_input`` logs; the UI's Dataset
+        column).
+
+        ``splits`` maps the context (``train``, ``valid``) to a dataset with ``split``,
+        ``fingerprint`` (the content hash, logged as the digest) and ``len``; ``source``
+        is the data root, ``name`` the data set's name.
+        """
+        if not self.enabled or not splits:
+            return
+        uri = json.dumps({"uri": str(Path(source).resolve())})
+        inputs = []
+        for context, dataset in splits.items():
+            entity = Dataset(name=f"{name}/{dataset.split}", digest=str(dataset.fingerprint)[:36], source_type="local",
+                             source=uri, profile=json.dumps({"split": dataset.split, "num_volumes": len(dataset)}))
+            inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Set run tags (values stringified)."""
@@ -175,19 +225,23 @@ class Tracker:
     def finish(self) -> None:
         """Mark the run FINISHED."""
         if self.enabled:
+            self._stop_system_metrics()
             self.client.set_terminated(self.run_id, status="FINISHED")
 
     def fail(self, reason: str) -> None:
-        """Mark the run FAILED and record why (tag ``failure_reason`` and a ``failure.txt`` artifact)."""
+        """Mark the run FAILED and record why (tag ``failure_reason``, the run's description in the UI, and a
+        ``failure.txt`` artifact)."""
         if not self.enabled:
             return
-        self.set_tags({"failure_reason": reason[:5000]})
+        self._stop_system_metrics()
+        self.set_tags({"failure_reason": reason[:5000], DESCRIPTION_TAG: f"**Failed**: {reason[:5000]}"})
         self.log_text(reason, "failure.txt")
         self.client.set_terminated(self.run_id, status="FAILED")
 
     def kill(self) -> None:
         """Mark the run KILLED (interrupted by the user); it can be resumed."""
         if self.enabled:
+            self._stop_system_metrics()
             self.client.set_terminated(self.run_id, status="KILLED")
 
 
@@ -216,7 +270,8 @@ FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 
 def log_efficiency_runs(rows: list[dict[str, dict[str, Any]]], uri: str | None = None,
                         experiment: str = "efficiency") -> list[str]:
-    """One FINISHED run per bench record (``core.bench.bench_to_mlflow_rows``) in the ``efficiency`` experiment."""
+    """One FINISHED run per bench record (``core.bench.model.bench_to_mlflow_rows``) in the ``efficiency``
+    experiment."""
     run_ids = []
     for row in rows:
         device = str(row["params"].get("bench.device", "cpu"))
@@ -227,3 +282,15 @@ def log_efficiency_runs(rows: list[dict[str, dict[str, Any]]], uri: str | None =
         tracker.finish()
         run_ids.append(tracker.run_id)
     return run_ids
+
+
+def log_report(uri: str | None, run_id: str, out: Path, files: list[Path], metrics: dict[str, float],
+               tags: dict[str, str]) -> None:
+    """A matrix's report on its parent run: each file under its path relative to ``out`` (report.md at the top,
+    tables/, figures/), the headline metrics and which configurations they belong to."""
+    tracker = Tracker.attach(uri, run_id)
+    for path in files:
+        folder = Path(path).resolve().parent.relative_to(Path(out).resolve()).as_posix()
+        tracker.log_artifact(path, None if folder == "." else folder)
+    tracker.log_metrics(metrics, step=0)
+    tracker.set_tags(tags)

@@ -212,11 +212,14 @@ def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.name,
                       run_id=state["run_id"] if state else None, parent_run_id=parent_run_id,
                       tags={"ctlab.kind": "train", "config_id": config_id(cfg), **cfg.tracking.tags, **(tags or {})},
-                      enabled=env.is_main)
+                      enabled=env.is_main,
+                      system_metrics_s=cfg.tracking.system_metrics_interval_s if cfg.tracking.system_metrics else None)
     losses: list[float] = []
     metrics: dict[str, float] = {}
     try:
         tracker.log_config(cfg)
+        tracker.log_datasets({"train": train_set, cfg.eval.split: valid_set}, cfg.data.root,
+                             Path(cfg.data.root).resolve().name)
         tracker.set_tags({**environment_tags(device), "data_fingerprint": data_fingerprint(cfg.data, "train"),
                           "run_dir": str(run_dir.resolve())})
         if env.is_main:

@@ -31,7 +31,9 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from core.tracking import FINISHED, Tracker, find_runs, get_client
+from core.config import config_to_dict, flatten
+from core.naming import component_values, run_name
+from core.tracking import DESCRIPTION_TAG, FINISHED, Tracker, find_runs, get_client
 from experiments.matrix import Cell, Matrix
 from experiments.slurm_env import slurm_identity, worker_detail
 
@@ -147,6 +149,33 @@ def try_claim(storage: RDBStorage, matrix: Matrix, study: optuna.Study, cell_id:
 
 # ------------------------------------------------------------------ MLflow side
 
+_COMPONENT_KEYS = {f"model.{axis}" for axis in ("encoder", "attention", "norm", "mlp", "loss", "adaptation")}
+
+
+def run_names(matrix: Matrix) -> dict[str, str]:
+    """Each cell's run name in the UI: its configuration ("SA+GELU+LN · softmax"), then every other axis the
+    matrix varies ("· seed 1" when seeds repeat, "· lr 0.001"); the cell id stays a tag."""
+    flat = {c.cell_id: flatten(config_to_dict(c.config)) for c in matrix.cells}
+    keys = dict.fromkeys(k for c in matrix.cells for k in c.assignment if k not in _COMPONENT_KEYS)
+    varied = [k for k in keys if len({str(f.get(k)) for f in flat.values()}) > 1]
+    return {cid: run_name(component_values(f), {k.rsplit(".", 1)[-1]: f.get(k) for k in varied})
+            for cid, f in flat.items()}
+
+
+def matrix_summary(matrix: Matrix, states: dict[str, tuple[str, str]]) -> str:
+    """The parent run's description: cell counts, then each failed and skipped cell with its reason."""
+    names = run_names(matrix)
+    counts = {s: sum(1 for v in states.values() if v[0] == s) for s in ("done", "failed", "skipped", "running",
+                                                                       "pending")}
+    lines = [f"Matrix **{matrix.name}**: {len(matrix.cells)} cells — "
+             + ", ".join(f"{n} {state}" for state, n in counts.items() if n)]
+    for state in ("failed", "skipped"):
+        cells = [(names[cid], cid, detail) for cid, (s, detail) in states.items() if s == state]
+        if cells:
+            lines += ["", f"**{state.capitalize()} cells**", ""]
+            lines += [f"- {name} (`{cid}`): {detail or 'no reason recorded'}" for name, cid, detail in cells]
+    return "\n".join(lines)
+
 
 def parent_run_id(matrix: Matrix, storage: RDBStorage, tracking_uri: str | None) -> str:
     """The matrix's parent MLflow run: found, or created by exactly one worker (same claim trick)."""
@@ -164,8 +193,11 @@ def parent_run_id(matrix: Matrix, storage: RDBStorage, tracking_uri: str | None)
             time.sleep(0.1)
         raise RuntimeError(f"no parent run appeared for matrix '{matrix.name}' in 60 s") from None
     cfg = matrix.runnable[0].config if matrix.runnable else matrix.cells[0].config
+    states = {c.cell_id: ("pending", "") if c.runnable else ("skipped", c.skip_reason or "") for c in matrix.cells}
     tracker = Tracker(tracking_uri or cfg.tracking.uri, cfg.tracking.experiment, run_name=matrix.name,
-                      tags={"ctlab.kind": "matrix", "matrix": matrix.name, "cells_total": len(matrix.cells)})
+                      tags={"ctlab.kind": "matrix", "matrix": matrix.name, "cells_total": len(matrix.cells),
+                            "cells_skipped": len(matrix.cells) - len(matrix.runnable),
+                            DESCRIPTION_TAG: matrix_summary(matrix, states)})
     if matrix.path is not None:
         tracker.log_artifact(matrix.path)
     storage.set_study_user_attr(claim_id, "run_id", tracker.run_id)
@@ -188,10 +220,13 @@ def close_orphans(cell: Cell, matrix: Matrix, tracking_uri: str | None) -> None:
 
 
 def log_progress(matrix: Matrix, states: dict[str, tuple[str, str]], parent: str, tracking_uri: str | None) -> None:
-    """Counts of done / failed / skipped / pending cells on the parent run; FINISHED once all are resolved."""
+    """Counts of done / failed / skipped / pending cells on the parent run, its description listing failed and
+    skipped cells with why; FINISHED once all are resolved."""
     counts = {s: sum(1 for v in states.values() if v[0] == s) for s in ("done", "failed", "skipped", "running",
                                                                        "pending")}
     tracker = Tracker(tracking_uri, "", run_id=parent)
+    tracker.set_tags({DESCRIPTION_TAG: matrix_summary(matrix, states), "cells_failed": counts["failed"],
+                      "cells_skipped": counts["skipped"]})
     resolved = counts["done"] + counts["failed"] + counts["skipped"]
     tracker.log_metrics({f"cells_{k}": v for k, v in counts.items()}, step=resolved)
     if resolved == len(matrix.cells):
@@ -213,14 +248,33 @@ def run_cell(cell: Cell, matrix: Matrix, parent: str, opts: LaunchOptions) -> fl
     cfg = cell.config
     if opts.tracking_uri:
         cfg.tracking.uri = opts.tracking_uri
+    cfg.tracking.run_name = run_names(matrix)[cell.cell_id]
     tags = {"matrix": matrix.name, "cell_id": cell.cell_id, "cell_label": cell.label, **slurm_identity()}
-    if opts.nproc_per_cell > 1:
-        from experiments.torchrun_cell import train_with_torchrun
+    started_ms = int(time.time() * 1000)
+    try:
+        if opts.nproc_per_cell > 1:
+            from experiments.torchrun_cell import train_with_torchrun
 
-        metrics = train_with_torchrun(cfg, opts.nproc_per_cell, parent, tags)
-    else:
-        metrics = train(cfg, resume=True, parent_run_id=parent, progress=opts.progress, tags=tags).metrics
+            metrics = train_with_torchrun(cfg, opts.nproc_per_cell, parent, tags)
+        else:
+            metrics = train(cfg, resume=True, parent_run_id=parent, progress=opts.progress, tags=tags).metrics
+    except Exception as err:
+        _record_failure(cell, matrix, parent, cfg, tags, f"{type(err).__name__}: {err}", started_ms)
+        raise
     return float(metrics.get("zeroshot_auroc", math.nan))
+
+
+def _record_failure(cell: Cell, matrix: Matrix, parent: str, cfg: Any, tags: dict[str, str], reason: str,
+                    started_ms: int) -> None:
+    """A FAILED child run with the reason when the cell failed before its training run existed (bad data, a
+    model that cannot be built), so every failed cell shows in the UI."""
+    runs = find_runs(cfg.tracking.uri, f"tags.cell_id = '{cell.cell_id}' and tags.matrix = '{matrix.name}'")
+    if any(r.info.start_time >= started_ms or (r.info.end_time or 0) >= started_ms for r in runs):
+        return  # the training run (new, or resumed from a checkpoint) exists and recorded the failure itself
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name,
+                      parent_run_id=parent, tags={"ctlab.kind": "train", **tags})
+    tracker.log_config(cfg)
+    tracker.fail(reason)
 
 
 def work(matrix: Matrix, opts: LaunchOptions) -> dict[str, tuple[str, str]]:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.figures import looks
 from analysis.formats import latex_escape, latex_table, markdown_table, performance_display
 from analysis.runs import first_protocol, run_params
 from analysis.tables import choose_baseline, effect_table, efficiency_table, performance_table
@@ -60,7 +61,8 @@ def test_effect_table_matches_cells_on_every_other_varying_param() -> None:
     auroc = {("standard", "1e-4"): 0.60, ("flash", "1e-4"): 0.64, ("standard", "1e-3"): 0.55,
              ("flash", "1e-3"): 0.52, ("flash", "1e-2"): 0.90}
     rows = [{"attention": a, "mlp": "gelu", "norm": "layernorm", "loss": "clip",
-             "params": {"train.lr": lr, "name": f"cell-{a}-{lr}", "tracking.run_name": f"r{i}"},
+             "params": {"train.lr": lr, "name": f"cell-{a}-{lr}", "tracking.run_name": f"r{i}",
+                        "attention": a, "loss": "clip"},  # the short search keys real runs carry too
              "metrics": {"zeroshot_auroc": v}} for i, ((a, lr), v) in enumerate(auroc.items())]
     runs = _runs(rows)
     effects = effect_table(runs, baseline=runs["config"].iloc[0])
@@ -141,3 +143,35 @@ def test_markdown_table() -> None:
     lines = markdown_table(frame).splitlines()
     assert lines == ["| Configuration | AUROC | Change |", "|:---|---:|:---|",
                      r"| a\|b | 0.600 | SA → FA |", "| c | – | x |"]
+
+
+def _looks_distinct(frame: pd.DataFrame) -> dict:
+    styles = looks(frame)
+    assert set(styles) == set(frame["config"])
+    bars = {(s.facet, s.colour, s.hatch) for s in styles.values()}
+    lines = {(s.facet, s.colour, str(s.dashes), s.marker) for s in styles.values()}
+    assert len(bars) == len(lines) == len(styles), "two configurations look alike"
+    return styles
+
+
+def test_figure_looks_follow_the_axes_on_the_smoke_matrix() -> None:
+    rows = [{"attention": a, "norm": n, "mlp": m, "loss": loss} for a in ("standard", "sdpa")
+            for n in ("layernorm", "rmsnorm") for m in ("gelu", "swiglu") for loss in ("clip", "siglip")]
+    styles = _looks_distinct(_runs(rows))
+    assert {s.facet for s in styles.values()} == {"loss: softmax", "loss: sigmoid"}  # a panel per loss
+    assert len({s.colour for s in styles.values()}) == 4  # a colour per norm × mlp block
+    assert len({s.hatch for s in styles.values()}) == 2  # a hatching per attention kernel
+    same_block = [styles[c] for c in ("SA+GELU+LN, softmax", "SDPA+GELU+LN, softmax")]
+    assert same_block[0].colour == same_block[1].colour and same_block[0].hatch != same_block[1].hatch
+
+
+def test_figure_looks_stay_distinct_for_large_and_repeated_matrices() -> None:
+    rows = [{"encoder": e, "attention": a, "norm": n, "mlp": m, "loss": loss}
+            for e in ("ctvit", "vit3d") for a in ("standard", "sdpa", "flash") for n in ("layernorm", "rmsnorm")
+            for m in ("gelu", "swiglu", "geglu") for loss in ("clip", "siglip")]
+    assert len(_looks_distinct(_runs(rows))) == 72
+    many = [{"attention": f"kernel{i}", "loss": "clip"} for i in range(25)]  # more kernels than hatchings
+    assert len(_looks_distinct(_runs(many))) == 25
+    seeds = _runs([{"attention": "standard", "loss": "clip"}] * 3)  # replicates: same components, own labels
+    seeds["config"] = [f"SA+GELU+LN, softmax [{i}]" for i in range(3)]
+    assert len({s.colour for s in _looks_distinct(seeds).values()}) == 3

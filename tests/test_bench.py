@@ -6,9 +6,9 @@ import torch
 import yaml
 from torch import nn
 
-from core.bench import bench_to_mlflow_rows, compare, encoder_gflops, measure
-from core.bench_probe import count_flops, gflops, peak_increase
-from core.bench_tables import paper_reference
+from core.bench.model import bench_to_mlflow_rows, compare, encoder_gflops, measure
+from core.bench.probes import count_flops, gflops, peak_increase
+from core.bench.tables import paper_reference
 from core.cli import main
 from core.config import config_to_dict, flatten, load_config, save_config
 from core.layers.attention import flash_unavailable_reason
@@ -239,7 +239,7 @@ def test_bench_train_applies_the_candidate_toggles_and_tracks_both(tiny_override
 
 
 def test_data_wait_times_real_steps_from_the_cached_loader(tiny_overrides, tmp_path_factory, tmp_path):
-    from core.perf_data import data_wait
+    from core.bench.data_wait import data_wait
 
     root = shared_synthetic(tmp_path_factory)
     cfg = _cfg(tiny_overrides, *_data_overrides(root, tmp_path / "cache"), "name=tiny")
@@ -255,7 +255,7 @@ def test_data_wait_times_real_steps_from_the_cached_loader(tiny_overrides, tmp_p
 
 
 def test_data_wait_rejects_a_batch_larger_than_the_split(tiny_overrides, tmp_path_factory, tmp_path):
-    from core.perf_data import data_wait
+    from core.bench.data_wait import data_wait
 
     root = shared_synthetic(tmp_path_factory)
     cfg = _cfg(tiny_overrides, *_data_overrides(root, tmp_path / "cache"), "train.batch_size=64")

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from core.bench_probe import count_flops, count_macs_fvcore, fvcore_norm_factor
-from core.bench_tables import encoder_fvcore_size, params_basis
+from core.bench.probes import count_flops, count_macs_fvcore, fvcore_norm_factor
+from core.bench.tables import encoder_fvcore_size, params_basis
 from core.cli import main
 from core.config import load_config
 from core.encoders import create_encoder

@@ -8,10 +8,7 @@ torch.compile to 1e-4 relative (Inductor fuses and reorders fp32 reductions).
 import pytest
 import torch
 
-from core.config import load_config
-from core.layers.attention import MultiHeadAttention, set_sdpa_backend
-from core.model import build_model
-from core.perf import (
+from core.bench.options import (
     BASELINE,
     MODERN,
     against_modern,
@@ -21,6 +18,9 @@ from core.perf import (
     search_largest,
     verdict,
 )
+from core.config import load_config
+from core.layers.attention import MultiHeadAttention, set_sdpa_backend
+from core.model import build_model
 from core.registry import ConfigError
 
 MODERN_AXES = ["model.attention=sdpa", "model.mlp=swiglu", "model.norm=rmsnorm"]
@@ -259,7 +259,7 @@ def test_verdict_reads_memory_and_speed_against_a_margin():
 
 
 def test_largest_batch_search_needs_a_gpu(tiny_overrides):
-    from core.bench import BenchSubject
+    from core.bench.model import BenchSubject
 
     subject = BenchSubject(load_config(None, tiny_overrides), 1, torch.device("cpu"))
     with pytest.raises(ConfigError, match="needs a CUDA device"):
@@ -282,7 +282,7 @@ def test_largest_batch_search_finds_the_capacity_within_a_sixteenth(capacity, li
 
 def test_conv_patch_embedding_counts_the_linear_flops(tiny_overrides):
     """FLOPs are counted on the meta device, where the conv path must run too (it folds one bias: 2·patch·dim)."""
-    from core.bench import encoder_gflops
+    from core.bench.model import encoder_gflops
 
     linear = encoder_gflops(load_config(None, tiny_overrides))
     conv = encoder_gflops(load_config(None, [*tiny_overrides, "model.encoder_args.patch_embed=conv"]))

@@ -68,7 +68,8 @@ def predictions(cell: str) -> pd.DataFrame:
 def _params(attention: str, loss: str, cell: str) -> dict[str, str]:
     return {"model.encoder": "ctvit", "model.attention": attention, "model.norm": "layernorm", "model.mlp": "gelu",
             "model.loss": loss, "model.adaptation": "full", "train.lr": "0.0001",
-            "eval.protocols": "['ctclip', 'fixed0.5']", "name": f"run-{cell}", "tracking.run_name": cell}
+            "eval.protocols": "['ctclip', 'fixed0.5']", "name": f"run-{cell}", "tracking.run_name": cell,
+            "attention": attention, "loss": loss}  # the short search keys every training run also carries
 
 
 def _log_cell(client: MlflowClient, experiment: str, parent: str, cell: str, start: int, folder: Path,
@@ -246,6 +247,27 @@ def test_figures_are_real_pngs(store: dict) -> None:
         image = matplotlib.image.imread(path)
         assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 600, (name, image.shape)
         assert image[..., :3].std() > 0.05, name  # not a blank canvas
+
+
+def test_report_is_logged_to_the_matrix_parent_run(store: dict) -> None:
+    client = MlflowClient(store["uri"])
+    parent = client.search_runs([client.get_experiment_by_name("ctlab").experiment_id],
+                                "tags.`ctlab.kind` = 'matrix'")[0]
+    top = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "tables", "figures", "matrix.yaml"} <= top
+    assert {"tables/performance.csv", "tables/performance.tex", "tables/performance.md"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "tables")}
+    assert "figures/metrics.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    logged = Path(client.download_artifacts(parent.info.run_id, "report.md", str(store["root"] / "dl")))
+    assert logged.read_text() == (store["out"] / "report.md").read_text()
+    metrics = parent.data.metrics
+    assert metrics["best_zeroshot_auroc"] == pytest.approx(0.66)  # the newest FINISHED runs only
+    assert metrics["baseline_zeroshot_auroc"] == pytest.approx(0.60)
+    assert metrics["best_vs_baseline_delta_auroc"] == pytest.approx(0.06)
+    assert metrics["configurations"] == 4
+    assert parent.data.tags["best_config"] == ODD_LABEL
+    assert parent.data.tags["baseline_config"] == "SA+GELU+LN, softmax"
+    assert parent.info.status == "FINISHED"  # logging the report does not reopen the run
 
 
 def test_report_trains_nothing(store: dict) -> None:

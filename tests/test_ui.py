@@ -1,33 +1,71 @@
-"""The MLflow UI really shows a matrix: `ctlab ui` serves it and headless Chromium finds the child runs."""
+"""The MLflow UI really shows a matrix: a two-cell matrix run through the launcher, its report logged by
+``ctlab report``, then ``ctlab ui`` served and walked with headless Chromium as a user would."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
+from mlflow import MlflowClient
 
-from analysis.ui_snapshot import free_port, render_runs_page, wait_for_http
-from core.tracking import Tracker
+from analysis.ui_snapshot import browse_matrix, free_port, wait_for_http
+from core.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
+SOFTMAX, SIGMOID = "SA+GELU+LN · softmax", "SA+GELU+LN · sigmoid"
 
 
-def test_ui_lists_matrix_child_runs(tmp_path, monkeypatch):
+def _matrix(tmp_path: Path) -> Path:
+    base = {
+        "model": {"encoder": "ctvit", "preset": "tiny", "text_encoder": "tiny-random", "latent_dim": 32,
+                  "attention": "standard", "norm": "layernorm", "mlp": "gelu",
+                  "encoder_args": {"dim": 32, "patch": 8, "temporal_patch": 4, "heads": 2, "dim_head": 16}},
+        "data": {"root": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache"), "target_shape": [16, 32, 32],
+                 "target_spacing": [15.0, 9.0, 9.0], "num_workers": 0},
+        "train": {"max_steps": 2, "epochs": 100, "batch_size": 4, "lr": 1e-4, "warmup_steps": 1,
+                  "output_dir": str(tmp_path / "runs")},
+        "eval": {"bootstrap": 0, "batch_size": 8, "every_epoch": False},
+        "tracking": {"system_metrics_interval_s": 1},
+    }
+    path = tmp_path / "uitest.yaml"
+    path.write_text(yaml.safe_dump({"name": "uitest", "base": base, "axes": {"model.loss": ["clip", "siglip"]}}))
+    return path
+
+
+def test_matrix_is_readable_in_the_ui(tmp_path, monkeypatch):
     if shutil.which("chromium") is None:
         if os.environ.get("CTLAB_REQUIRE_SERVICES"):
             pytest.fail("CTLAB_REQUIRE_SERVICES is set but chromium is not installed")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    parent = Tracker(uri, "uitest", run_name="uitest", tags={"ctlab.kind": "matrix", "matrix": "uitest"})
-    names = ["uitest-0a1b2c3d4e5f", "uitest-9f8e7d6c5b4a"]
-    for name in names:
-        child = Tracker(uri, "uitest", run_name=name, parent_run_id=parent.run_id,
-                        tags={"ctlab.kind": "train", "matrix": "uitest", "cell_id": name[-12:]})
-        child.log_metrics({"zeroshot_auroc": 0.7}, step=1)
-        child.finish()
-    parent.finish()
+    assert main(["data", "synth", "--out", str(tmp_path / "data"), "--train", "12", "--valid", "8", "--seed", "3"]) == 0
+    assert main(["matrix", "run", str(_matrix(tmp_path)), "--tracking-uri", uri, "--storage",
+                 f"sqlite:///{tmp_path}/optuna.db", "--no-progress"]) == 0
+    assert main(["report", "--matrix", "uitest", "--tracking-uri", uri, "--out", str(tmp_path / "report"),
+                 "--bootstrap", "20"]) == 0
+
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name("uitest").experiment_id
+    runs = client.search_runs([experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("ctlab.kind") == "matrix")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {SOFTMAX, SIGMOID}
+    for name, run in children.items():  # what the UI's columns and views read
+        assert run.data.tags["loss"] == run.data.params["loss"] == ("siglip" if "sigmoid" in name else "clip")
+        assert run.data.tags["attention"] == "standard" and run.data.tags["norm"] == "layernorm"
+        assert len(run.data.tags["cell_id"]) == 12 and run.data.tags["cell_id"] not in name
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert json.loads(inputs["train"].profile)["num_volumes"] == 12
+        assert json.loads(inputs["valid"].profile)["num_volumes"] == 8
+        assert inputs["train"].digest == run.data.tags["data_fingerprint"]
+        assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert parent.data.metrics["configurations"] == 2
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "core.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
@@ -35,12 +73,21 @@ def test_ui_lists_matrix_child_runs(tmp_path, monkeypatch):
                               start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", timeout=180)
-        experiment_id = parent.client.get_experiment_by_name("uitest").experiment_id
-        text = render_runs_page(f"http://127.0.0.1:{port}", experiment_id, tmp_path / "ui.png")
+        view = browse_matrix(f"http://127.0.0.1:{port}", experiment_id, parent.info.run_id, "tags.loss = 'siglip'",
+                             tmp_path / "runs.png", tmp_path / "artifacts.png")
     finally:
         os.killpg(server.pid, 15)
         output = server.communicate(timeout=30)[0]
     assert f"http://127.0.0.1:{port}" in output  # ctlab ui printed its URL
-    for name in names:
-        assert name in text, f"{name} not shown; page text: {text[:1500]}"
-    assert (tmp_path / "ui.png").stat().st_size > 20_000
+    # nested: the children show only once the parent row is expanded, listed below it
+    assert "uitest" in view.collapsed and SOFTMAX not in view.collapsed and SIGMOID not in view.collapsed
+    table = view.expanded[view.expanded.index("Run Name"):]
+    assert table.index("uitest") < table.index(SIGMOID) and table.index("uitest") < table.index(SOFTMAX), table[:800]
+    for run in children.values():
+        assert run.data.tags["cell_id"] not in view.expanded  # names, not hashes
+    assert "data/train" in view.expanded  # the Dataset column: train split of data root "data"
+    assert SIGMOID in view.searched and SOFTMAX not in view.searched, view.searched[:1500]
+    assert "report.md" in view.artifacts and "figures" in view.artifacts and "tables" in view.artifacts
+    assert "Ablation report: uitest" in view.report
+    assert (tmp_path / "runs.png").stat().st_size > 20_000
+    assert (tmp_path / "artifacts.png").stat().st_size > 20_000

@@ -1,4 +1,5 @@
-"""``ctlab report --matrix NAME``: the paper's tables, figures and report.md from a matrix's MLflow runs."""
+"""``ctlab report --matrix NAME``: the paper's tables, figures and report.md from a matrix's MLflow runs, also
+logged with the headline metrics to the matrix's parent run (its result page in the UI)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"  figure {name}: {path}")
     for note in report.notes:
         print(f"  note: {note}")
+    if report.parent_run_id is None:
+        print(f"  matrix {args.matrix} has no parent run in {uri}: the report is not logged to MLflow")
+    elif args.log_to_parent:
+        from core.tracking import log_report
+
+        log_report(uri, report.parent_run_id, out, report.files(), report.headline, report.headline_tags)
+        print(f"  logged to parent run {report.parent_run_id}: report.md, {len(report.tables)} table(s), "
+              f"{len(report.figures)} figure(s); " + ", ".join(f"{k} {v:.4g}" for k, v in report.headline.items()))
     return 0
 
 
@@ -43,4 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(default: the matrix YAML's baseline, else the one closest to CT-CLIP's components)")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="resamples in each paired significance test against the baseline (default 1000)")
+    parser.add_argument("--no-log", dest="log_to_parent", action="store_false",
+                        help="write the files only; by default the report, tables, figures and headline metrics are "
+                             "also logged to the matrix's parent run in MLflow")
     parser.set_defaults(func=run)

@@ -21,19 +21,26 @@ def ui_command(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
     return command
 
 
-def screenshot(uri: str, experiment: str, path: Path, port: int) -> str:
-    """Start the UI, render the experiment's runs table headlessly to ``path``, stop the UI; returns the page text."""
-    from analysis.ui_snapshot import render_runs_page, wait_for_http
-    from core.tracking import get_client
+def screenshot(uri: str, experiment: str, path: Path | None, port: int, parent_path: Path | None = None) -> str:
+    """Start the UI, render the experiment's runs table headlessly to ``path`` (and its matrix parent run's
+    report.md to ``parent_path``), stop the UI; returns the runs page's text."""
+    from analysis.ui_snapshot import render_run_artifact, render_runs_page, wait_for_http
+    from core.tracking import find_runs, get_client
 
     found = get_client(uri).get_experiment_by_name(experiment)
     if found is None:
         raise ConfigError(f"no experiment '{experiment}' in {uri}; run a matrix or name another with --experiment")
+    parents = find_runs(uri, "tags.`ctlab.kind` = 'matrix'", experiment=experiment) if parent_path else []
+    if parent_path and not parents:
+        raise ConfigError(f"experiment '{experiment}' has no matrix parent run; run a matrix, then ctlab report")
     server = subprocess.Popen(ui_command(uri, "127.0.0.1", port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health")
-        return render_runs_page(f"http://127.0.0.1:{port}", found.experiment_id, path)
+        text = render_runs_page(f"http://127.0.0.1:{port}", found.experiment_id, path) if path else ""
+        if parent_path:
+            render_run_artifact(f"http://127.0.0.1:{port}", found.experiment_id, parents[0].info.run_id, parent_path)
+        return text
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -42,9 +49,12 @@ def screenshot(uri: str, experiment: str, path: Path, port: int) -> str:
 def run(args: argparse.Namespace) -> int:
     """Serve the UI in the foreground and print its URL, or save a screenshot of one experiment and exit."""
     uri = resolve_uri(args.tracking_uri)
-    if args.screenshot:
-        screenshot(uri, args.experiment, Path(args.screenshot), args.port)
-        print(f"runs table of experiment '{args.experiment}' saved to {args.screenshot}")
+    if args.screenshot or args.parent_screenshot:
+        screenshot(uri, args.experiment, args.screenshot and Path(args.screenshot), args.port,
+                   args.parent_screenshot and Path(args.parent_screenshot))
+        for path, what in ((args.screenshot, "runs table"), (args.parent_screenshot, "matrix parent run's report.md")):
+            if path:
+                print(f"{what} of experiment '{args.experiment}' saved to {path}")
         return 0
     print(f"MLflow UI for {uri}: http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
     try:
@@ -65,5 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
     parser.add_argument("--screenshot", metavar="PNG",
                         help="instead of serving: render the runs table of --experiment with headless Chromium")
+    parser.add_argument("--parent-screenshot", metavar="PNG",
+                        help="instead of serving: render the Artifacts tab of --experiment's matrix parent run, "
+                             "previewing the report.md that `ctlab report` logged there")
     parser.add_argument("--experiment", default="smoke", help="experiment to render with --screenshot")
     parser.set_defaults(func=run)

@@ -5,7 +5,7 @@ benchmarks several in one process and adds ratios to the baseline; its
 repeats alternate across configs (A, B, A, B, ...), so machine noise lands on
 every config alike. Times are the median of the repeats after a warm-up (CUDA
 events on a GPU, ``perf_counter`` on CPU); how memory and FLOPs are measured
-is described in ``core.bench_probe``.
+is described in ``core.bench.probes``.
 
 One repeat = the image encoder's forward on the batch, timed; its backward
 from a gradient of ones on its output, timed; then one full training step,
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from core.bench_probe import MEMORY_MEASURE, bench_device, count_flops, peak_increase, tensor_bytes, timed
+from core.bench.probes import MEMORY_MEASURE, bench_device, count_flops, peak_increase, tensor_bytes, timed
 from core.config import Config, config_id, config_to_dict, flatten
 from core.data.pathologies import PATHOLOGIES
 from core.encoders import create_encoder

@@ -18,8 +18,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from core.bench import encoder_gflops
-from core.bench_probe import count_macs_fvcore
+from core.bench.model import encoder_gflops
+from core.bench.probes import count_macs_fvcore
 from core.config import Config, load_config
 from core.encoders import create_encoder, encoder_axes
 from core.layers.attention import flash_unavailable_reason

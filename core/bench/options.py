@@ -4,7 +4,7 @@ The baseline is CT-CLIP's transformer (standard attention + GELU + LayerNorm),
 the modern configuration the seed paper's swap (sdpa + SwiGLU + RMSNorm). Each
 performance option is a set of config overrides (``OPTIONS``) measured on top
 of the modern configuration alone, then all of them together, in one
-``core.bench.compare`` run (repeats alternating across configs), so every
+``core.bench.model.compare`` run (repeats alternating across configs), so every
 option's effect is read against the same modern row: an option pays when it
 cuts peak memory or step time there (``verdict``).
 
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from core.bench import BenchSubject
-from core.bench_probe import bench_device, timed
+from core.bench.model import BenchSubject
+from core.bench.probes import bench_device, timed
 from core.config import Config, load_config
 from core.registry import ConfigError, closest
 
@@ -213,7 +213,7 @@ def _measure_embedding(encoder: torch.nn.Module, volumes: torch.Tensor, dtype: t
                        device: torch.device) -> dict[str, float]:
     """Forward / backward ms, peak bytes over forward + backward, and bytes kept for backward of
     ``encoder.embed_patches`` on ``volumes`` (autocast to ``dtype`` unless None)."""
-    from core.bench_probe import peak_increase
+    from core.bench.probes import peak_increase
 
     def forward() -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

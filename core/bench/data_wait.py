@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from core.bench import BenchSubject
-from core.bench_probe import bench_device
+from core.bench.model import BenchSubject
+from core.bench.probes import bench_device
 from core.config import Config
 from core.registry import ConfigError
 
