@@ -25,7 +25,7 @@ demo: install
 	$(CTLAB) matrix run experiments/smoke.yaml
 	$(CTLAB) bench model --matrix experiments/smoke.yaml --track --repeats 3 --out reports/smoke/bench --no-progress
 	$(CTLAB) report --matrix smoke --out reports/smoke
-	$(CTLAB) ui --screenshot reports/smoke/figures/mlflow-ui.png --experiment smoke
+	$(CTLAB) ui --screenshot reports/smoke/figures/mlflow-ui.png --parent-screenshot reports/smoke/figures/mlflow-ui-parent.png --experiment smoke --if-chromium
 	@echo "Report: reports/smoke/report.md   Browse every run: $(CTLAB) ui  (http://127.0.0.1:5000)"
 
 # Zero-shot on synthetic CT-RATE at its best setting: 2000 training volumes, the fine-tuned MiniLM text tower.

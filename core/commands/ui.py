@@ -50,6 +50,15 @@ def run(args: argparse.Namespace) -> int:
     """Serve the UI in the foreground and print its URL, or save a screenshot of one experiment and exit."""
     uri = resolve_uri(args.tracking_uri)
     if args.screenshot or args.parent_screenshot:
+        from analysis.ui_snapshot import find_chromium
+
+        try:
+            find_chromium()
+        except FileNotFoundError as err:
+            if args.if_chromium:
+                print(f"skipped the MLflow UI screenshot: {err}")
+                return 0
+            raise ConfigError(f"{err} (or pass --if-chromium to skip the screenshot)") from None
         screenshot(uri, args.experiment, args.screenshot and Path(args.screenshot), args.port,
                    args.parent_screenshot and Path(args.parent_screenshot))
         for path, what in ((args.screenshot, "runs table"), (args.parent_screenshot, "matrix parent run's report.md")):
@@ -79,4 +88,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="instead of serving: render the Artifacts tab of --experiment's matrix parent run, "
                              "previewing the report.md that `ctlab report` logged there")
     parser.add_argument("--experiment", default="smoke", help="experiment to render with --screenshot")
+    parser.add_argument("--if-chromium", action="store_true",
+                        help="with --screenshot: skip it with one line (exit 0) when Chromium is not installed")
     parser.set_defaults(func=run)
