@@ -1,0 +1,133 @@
+"""CT-CLIP checkpoint → this model: parity with CT-CLIP's own outputs, strict key accounting, CLI, init_from.
+
+The fixture (tests/fixtures/ctclip, made by make_fixture.py running CT-CLIP's
+code) is a small CT-CLIP — dim 64, a 6 × 4 × 4 token grid, depth 2 + 2,
+codebook 512, a 2-layer BERT — with its state_dict and its outputs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from core.config import config_from_dict
+from core.convert import UNUSED, convert_state_dict, load_ctclip
+from core.registry import ConfigError
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ctclip"
+CHECKPOINT = FIXTURE / "ctclip_small.pt"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory) -> Path:
+    """The fixture's BERT folder (config + tokenizer) with placeholder weights, as a hub folder would have."""
+    folder = tmp_path_factory.mktemp("bert") / "bert"
+    shutil.copytree(FIXTURE / "bert", folder)
+    torch.manual_seed(1)
+    AutoModel.from_config(AutoConfig.from_pretrained(folder)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict:
+    return torch.load(FIXTURE / "expected.pt", weights_only=True)
+
+
+def small_config(bert: Path, **model: object):
+    """The fixture's architecture: our ``tiny`` ctvit preset is exactly it."""
+    return config_from_dict({
+        "model": {"encoder": "ctvit", "preset": "tiny", "attention": "standard", "text_encoder": str(bert),
+                  "latent_dim": 32, "loss": "ctclip", **model},
+        "data": {"target_shape": [24, 32, 32]},
+    })
+
+
+def outputs(model, expected: dict) -> dict[str, torch.Tensor]:
+    model.eval()
+    encoder = model.image_encoder
+    with torch.no_grad():
+        vq, encoder.vq = encoder.vq, None
+        tokens = encoder.forward_tokens(expected["volumes"])
+        encoder.vq = vq
+        indices = vq(tokens.flatten(1, 3))[1]
+        image = model.encode_image(expected["volumes"])
+        text = model.encode_text(expected["input_ids"], expected["attention_mask"])
+    return {"tokens": tokens, "indices": indices, "image": image, "text": text,
+            "similarity": (image * text).sum(-1) * model.loss.scale()}
+
+
+def test_standard_kernel_reproduces_ctclip(bert_folder, expected):
+    got = outputs(load_ctclip(CHECKPOINT, small_config(bert_folder)), expected)
+    assert (got["tokens"] - expected["encoded_tokens"]).abs().max() < TOL  # before quantisation
+    assert torch.equal(got["indices"], expected["indices"].flatten(1))  # every code as CT-CLIP picks it
+    assert (got["image"] - expected["image_latents"]).abs().max() < TOL
+    assert (got["text"] - expected["text_latents"]).abs().max() < TOL
+    assert torch.allclose(got["similarity"], expected["similarity"], atol=TOL)  # temperature: exp(0.7)
+
+
+def test_sdpa_kernel_reproduces_ctclip(bert_folder, expected):
+    got = outputs(load_ctclip(CHECKPOINT, small_config(bert_folder, attention="sdpa")), expected)
+    assert (got["tokens"] - expected["encoded_tokens"]).abs().max() < TOL
+    flips = int((got["indices"] != expected["indices"].flatten(1)).sum())
+    assert flips == 0, f"{flips} codebook choices flipped at a near-tie"
+    assert (got["image"] - expected["image_latents"]).abs().max() < TOL
+
+
+def test_key_accounting_maps_or_explains_every_key(bert_folder):
+    state = torch.load(CHECKPOINT, weights_only=True)
+    model = load_ctclip(state, small_config(bert_folder))
+    acc = model.ctclip_accounting
+    assert set(acc.mapped) | set(acc.unused) == set(state) and not set(acc.mapped) & set(acc.unused)
+    filled = {name for names in acc.mapped.values() for name in names}
+    assert filled == set(model.state_dict())  # every tensor of the model comes from the checkpoint
+    assert {k for k in acc.unused if "to_pixels" in k or "latent_extra" in k or "pooler" in k}
+    assert all(acc.unused[k] in UNUSED.values() for k in acc.unused)
+
+
+def test_unknown_checkpoint_key_fails_naming_it(bert_folder):
+    state = dict(torch.load(CHECKPOINT, weights_only=True))
+    state["visual_transformer.enc_spatial_transformer.layers.0.1.to_qk.weight"] = torch.zeros(1)
+    with pytest.raises(ConfigError, match=r"no place for \(1\): visual_transformer\.enc_spatial_transformer"
+                                          r"\.layers\.0\.1\.to_qk\.weight"):
+        load_ctclip(state, small_config(bert_folder))
+
+
+def test_missing_checkpoint_key_fails_naming_the_model_tensor(bert_folder):
+    state = dict(torch.load(CHECKPOINT, weights_only=True))
+    del state["visual_transformer.enc_temporal_transformer.layers.1.1.to_kv.weight"]
+    with pytest.raises(ConfigError, match=r"does not fill \(1\): image_encoder\.temporal\.blocks\.1\.attn\.kv\.weight"):
+        load_ctclip(state, small_config(bert_folder))
+
+
+def test_nonzero_bias_of_a_biasless_norm_is_not_silently_dropped(bert_folder):
+    state = dict(torch.load(CHECKPOINT, weights_only=True))
+    state["visual_transformer.enc_spatial_transformer.norm_out.beta"] = torch.ones(64)
+    with pytest.raises(ConfigError, match="norm_out.beta.*not zero"):
+        load_ctclip(state, small_config(bert_folder))
+
+
+def test_switched_architecture_does_not_load(bert_folder):
+    with pytest.raises(ConfigError, match=r"spatial_rel_pos_bias.*position_bias\.net"):
+        load_ctclip(CHECKPOINT, small_config(bert_folder, encoder_args={"position_bias": "none"}))
+    with pytest.raises(ConfigError, match=r"shapes that differ.*to_visual_latent"):
+        load_ctclip(CHECKPOINT, small_config(bert_folder, latent_dim=16))
+
+
+def test_documented_unused_keys_are_accepted_and_only_those(bert_folder):
+    state = torch.load(CHECKPOINT, weights_only=True)
+    target = load_ctclip(state, small_config(bert_folder)).state_dict()
+    kept = {k: v for k, v in state.items() if "to_pixels" not in k and "first_frame" not in k}
+    _, acc = convert_state_dict(kept, target)  # dropping unused keys changes nothing
+    assert not acc.unknown and not acc.missing and not acc.mismatched
+
+
+def test_checkpoint_is_read_without_unpickling_code(tmp_path, bert_folder):
+    path = tmp_path / "evil.pt"
+    torch.save({"temperature": torch.tensor(1.0), "hook": Path("x")}, path)  # an arbitrary object inside
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|state_dict"):
+        load_ctclip(path, small_config(bert_folder))
