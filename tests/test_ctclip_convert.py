@@ -42,7 +42,7 @@ def small_config(bert: Path, **model: object):
     """The fixture's architecture: our ``tiny`` ctvit preset is exactly it."""
     return config_from_dict({
         "model": {"encoder": "ctvit", "preset": "tiny", "attention": "standard", "text_encoder": str(bert),
-                  "latent_dim": 32, "loss": "ctclip", **model},
+                  "latent_dim": 32, "loss": "ctclip", "text_max_length": 64, **model},
         "data": {"target_shape": [24, 32, 32]},
     })
 
@@ -131,3 +131,68 @@ def test_checkpoint_is_read_without_unpickling_code(tmp_path, bert_folder):
     torch.save({"temperature": torch.tensor(1.0), "hook": Path("x")}, path)  # an arbitrary object inside
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|state_dict"):
         load_ctclip(path, small_config(bert_folder))
+
+
+# --------------------------------------------------------------------------- CLI and init_from (end to end)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, bert_folder) -> tuple[Path, Path]:
+    """``ctlab convert ctclip`` of the fixture into a folder, with a synthetic CT-RATE for the run config."""
+    from core.cli import main
+    from core.config import save_config
+
+    tmp = tmp_path_factory.mktemp("convert")
+    assert main(["data", "synth", "--out", str(tmp / "root"), "--train", "8", "--valid", "8", "--seed", "1"]) == 0
+    cfg = small_config(bert_folder)
+    cfg.data.root, cfg.data.cache_dir = str(tmp / "root"), str(tmp / "cache")
+    cfg.data.target_spacing = [10.0, 9.0, 9.0]
+    cfg.train.output_dir, cfg.tracking.uri = str(tmp / "runs"), f"sqlite:///{tmp}/mlflow.db"
+    cfg.eval.bootstrap, cfg.eval.batch_size, cfg.train.batch_size = 20, 4, 4
+    save_config(cfg, tmp / "run.yaml")
+    out = tmp / "converted"
+    assert main(["convert", "ctclip", str(CHECKPOINT), str(tmp / "run.yaml"), "--out", str(out)]) == 0
+    return out, tmp
+
+
+@pytest.mark.slow
+def test_convert_then_eval_end_to_end(converted, expected):
+    from core.checkpoint import load_checkpoint
+    from core.cli import main
+    from core.config import load_config
+    from core.model import build_model
+
+    out, tmp = converted
+    keys = __import__("json").loads((out / "keys.json").read_text())
+    assert len(keys["mapped"]) + len(keys["unused"]) == len(torch.load(CHECKPOINT, weights_only=True))
+    model = build_model(load_config(out / "config.yaml"))  # the written config + checkpoint are CT-CLIP's model
+    model.load_state_dict(load_checkpoint(out / "model.pt")["model"])
+    with torch.no_grad():
+        image = model.eval().encode_image(expected["volumes"])
+    assert (image - expected["image_latents"]).abs().max() < TOL
+    assert main(["eval", str(out / "config.yaml"), "--checkpoint", str(out / "model.pt"), "--out",
+                 str(tmp / "eval"), "--no-progress"]) == 0
+    per_label = (tmp / "eval" / "zeroshot_per_label.csv").read_text().splitlines()
+    assert len(per_label) >= 19  # a header and the 18 pathologies
+
+
+@pytest.mark.slow
+def test_init_from_with_lora_trains_only_the_adapters(converted):
+    from core.checkpoint import load_checkpoint
+    from core.config import load_config
+    from core.train import train
+
+    out, _ = converted
+    cfg = load_config(out / "config.yaml", [f"train.init_from={out / 'model.pt'}", "model.adaptation=lora",
+                                            "train.max_steps=2", "train.lr=1e-2", "train.warmup_steps=0",
+                                            "eval.every_epoch=false"])
+    result = train(cfg)
+    start = load_checkpoint(out / "model.pt")["model"]
+    final = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["model"]
+    lora_b = [v for k, v in final.items() if "lora_B" in k]
+    assert lora_b and any(bool(v.abs().max() > 0) for v in lora_b)  # the adapters moved off their zero init
+    frozen = {k.replace(".base_layer", ""): v for k, v in final.items() if "lora_" not in k}
+    params = {k for k, _ in __import__("core.model", fromlist=["build_model"]).build_model(cfg).named_parameters()}
+    for name in params - {"loss.logit_scale"}:
+        assert torch.equal(frozen[name], start[name]), name  # every pretrained weight as converted
+    assert any(k.startswith("image_encoder.spatial.blocks.0.attn.q.lora_A") for k in final)
