@@ -80,7 +80,7 @@ RULES: list[tuple[str, Callable[[re.Match, torch.Tensor], dict[str, torch.Tensor
     (_LAYER + r"\.3\.4\.weight", _rename(_BLOCK + ".mlp.fc2.weight")),
     (_STACK + r"\.norm_out\.gamma", _rename(_OURS + ".norm.weight")),
     (r"visual_transformer\.vq\._codebook\.embed", _rename("image_encoder.vq.embed", lambda t: t.squeeze(0))),
-    (r"text_transformer\.(?!pooler\.)(.*)", _rename(r"text_encoder.model.\1")),
+    (r"text_transformer\.(?!pooler\.|embeddings\.position_ids$)(.*)", _rename(r"text_encoder.model.\1")),
 ]
 
 # CT-CLIP key pattern → why CT-CLIP's own forward never reads it.
@@ -137,7 +137,7 @@ def convert_state_dict(ctclip: Mapping[str, torch.Tensor], target: Mapping[str, 
         reason = next((why for pattern, why in UNUSED.items() if re.fullmatch(pattern, key)), None)
         if reason is None:
             acc.unknown.append(key)
-        elif _ZERO.match(key) and tensor.numel() and bool(tensor.abs().max() > 0):
+        elif _ZERO.match(key) and tensor.numel() and not tensor.is_meta and bool(tensor.abs().max() > 0):
             acc.unknown.append(f"{key} (a LayerNorm bias CT-CLIP keeps at zero is not zero here)")
         else:
             acc.unused[key] = reason

@@ -133,6 +133,37 @@ def test_checkpoint_is_read_without_unpickling_code(tmp_path, bert_folder):
         load_ctclip(path, small_config(bert_folder))
 
 
+def released_target(bert_config) -> dict[str, torch.Tensor]:
+    """This model's state_dict at the ``ctclip`` preset with a BERT-base text tower, on the meta device."""
+    from transformers import BertModel
+
+    from core.encoders import create_encoder
+    from core.losses import create_loss
+
+    with torch.device("meta"):
+        image = create_encoder(config_from_dict({}).model, (240, 480, 480))
+        text = BertModel(bert_config, add_pooling_layer=False)
+        target = {f"image_encoder.{k}": v for k, v in image.state_dict().items()}
+        target |= {f"text_encoder.model.{k}": v for k, v in text.state_dict().items()}
+        target |= {"visual_proj.weight": torch.empty(512, image.out_dim), "text_proj.weight": torch.empty(512, 768),
+                   **{f"loss.{k}": v for k, v in create_loss("ctclip").state_dict().items()}}
+    return target
+
+
+def test_released_ctclip_layout_loads_completely():
+    """Every key of CT-CLIP's released state_dict (names and shapes its code builds) is mapped or documented, and
+    every tensor of the ``ctclip`` preset is filled, in the right shape."""
+    from transformers import BertConfig
+
+    released = {k: torch.empty(shape, device="meta")
+                for k, shape in __import__("json").loads((FIXTURE / "released_keys.json").read_text()).items()}
+    target = released_target(BertConfig(vocab_size=30522))  # CXR-BERT is a BERT-base
+    _, acc = convert_state_dict(released, target)
+    assert not acc.unknown and not acc.missing and not acc.mismatched
+    assert (len(acc.mapped), len(acc.unused)) == (311, 51)
+    assert sum(t.numel() for k, t in target.items() if k.startswith("image_encoder.") and "vq." not in k) == 23_421_768
+
+
 # --------------------------------------------------------------------------- CLI and init_from (end to end)
 
 
