@@ -227,3 +227,15 @@ def test_init_from_with_lora_trains_only_the_adapters(converted):
     for name in params - {"loss.logit_scale"}:
         assert torch.equal(frozen[name], start[name]), name  # every pretrained weight as converted
     assert any(k.startswith("image_encoder.spatial.blocks.0.attn.q.lora_A") for k in final)
+
+
+def test_init_from_a_checkpoint_of_another_architecture_fails_naming_it(tmp_path, bert_folder):
+    from core.checkpoint import load_model_weights
+    from core.model import build_model
+
+    path = tmp_path / "model.pt"
+    torch.save({"model": load_ctclip(CHECKPOINT, small_config(bert_folder)).state_dict()}, path)
+    model = build_model(small_config(bert_folder, latent_dim=16))
+    with pytest.raises(ConfigError, match=r"train.init_from=.*model.pt: the checkpoint does not fit.*visual_proj"):
+        load_model_weights(model, path)
+    load_model_weights(build_model(small_config(bert_folder)), path)  # the same architecture loads

@@ -138,3 +138,19 @@ def test_vq_training_is_straight_through_with_ema_and_commitment():
     untouched = torch.ones(8, dtype=torch.bool)
     untouched[won] = False
     assert torch.equal(vq.embed[untouched], before[untouched])
+
+
+def test_ctclip_loss_uses_ctclips_unclamped_temperature():
+    from core.losses import create_loss
+
+    ctclip, clip = create_loss("ctclip"), create_loss("clip")
+    assert float(ctclip.logit_scale) == 1.0 and torch.isclose(ctclip.scale(), torch.tensor(1.0).exp())
+    with torch.no_grad():
+        ctclip.logit_scale.fill_(6.0)
+        clip.logit_scale.fill_(6.0)
+    assert torch.isclose(ctclip.scale(), torch.tensor(6.0).exp()) and torch.isclose(clip.scale(), torch.tensor(100.0))
+    image, text = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    logits = torch.tensor(6.0).exp() * image @ text.t()
+    labels = torch.arange(4)
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    assert torch.isclose(ctclip(image, text), expected)
