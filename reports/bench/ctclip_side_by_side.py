@@ -51,6 +51,44 @@ def ours_from(theirs: torch.nn.Module, attention: str, shape: tuple[int, int, in
     return ours
 
 
+def components(root: Path, repeats: int) -> pd.DataFrame:
+    """Each part alone, CT-CLIP's module vs ours with the same weights, fwd + bwd (median ms): attention with the
+    position bias on 24 slabs of 12 × 12 tokens, the PEG on a 2 × 12³ grid, the VQ (training mode, 8192 codes)."""
+    import sys
+
+    from core.layers.factorized import PEG, ContinuousPositionBias, QKNormAttention
+    from core.layers.vq import VectorQuantizer
+
+    attention = sys.modules["transformer_maskgit.attention"]
+    from vector_quantize_pytorch import VectorQuantize
+
+    x, tokens = torch.randn(24, 144, 512, requires_grad=True), torch.randn(2, 1728, 512, requires_grad=True)
+    bias = ContinuousPositionBias(512, 8)(12, 12).detach()
+    their_attn, our_attn = attention.Attention(dim=512, dim_head=32, heads=8), QKNormAttention(512, 8, 32, "standard",
+                                                                                                 "layernorm")
+    their_peg, our_peg = attention.PEG(512, causal=True), PEG(512)
+    our_peg.conv.load_state_dict(their_peg.dsconv.state_dict())
+    their_vq = VectorQuantize(dim=512, codebook_size=8192, use_cosine_sim=True).train()
+    our_vq = VectorQuantizer(512, 8192).train()
+    pairs = {"attention + position bias": (lambda t: their_attn(t, attn_bias=bias), lambda t: our_attn(t, bias)),
+             "PEG": (lambda t: their_peg(t, shape=(2, 12, 12, 12)), lambda t: our_peg(t, (2, 12, 12, 12))),
+             "VQ (training)": (lambda t: their_vq(t)[0], lambda t: our_vq(t)[0])}
+    rows = []
+    for name, (theirs, ours) in pairs.items():
+        times: dict[str, list[float]] = {"theirs": [], "ours": []}
+        for i in range(repeats + 1):
+            for who, forward in (("theirs", theirs), ("ours", ours)):
+                ms = step(forward, x if "VQ" not in name else tokens)
+                if i:
+                    times[who].append(ms)
+        rows.append({"part": name, "ctclip_ms": round(statistics.median(times["theirs"]), 1),
+                     "ours_ms": round(statistics.median(times["ours"]), 1),
+                     "time_vs_ctclip": round(statistics.median(times["ours"]) / statistics.median(times["theirs"]),
+                                             3)})
+    del root
+    return pd.DataFrame(rows)
+
+
 def markdown(frame: pd.DataFrame) -> str:
     """A plain Markdown table."""
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
@@ -75,11 +113,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--name", default="ctclip-side-by-side", help="report file name without extension")
+    parser.add_argument("--components", action="store_true", help="time attention, PEG and VQ alone instead")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ctvit_cls = _import_ctclip(args.ctclip_root)
+    if args.components:
+        frame = components(args.ctclip_root, args.repeats)
+        frame.to_csv(HERE / f"{args.name}.csv", index=False)
+        (HERE / f"{args.name}.md").write_text(
+            "# CT-CLIP's modules vs ours, each part alone (fwd + bwd, fp32, CPU "
+            f"{torch.get_num_threads()} threads, median of {args.repeats}, alternating)\n\n"
+            + (components.__doc__ or "").split("\n", 1)[0] + "\n\n" + markdown(frame) + "\n")
+        print(frame.to_string(index=False))
+        return
     depth, height, _ = args.shape
     theirs = ctvit_cls(dim=512, codebook_size=8192, image_size=height, patch_size=args.patch,
                        temporal_patch_size=args.temporal_patch, spatial_depth=4, temporal_depth=4, dim_head=32,
