@@ -84,3 +84,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as err:  # torch raises several types for a truncated or foreign file
         raise ConfigError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err}); "
                           "delete it to start the run afresh") from None
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Start ``model`` from the weights of a checkpoint (``train.init_from``: a run's or a converted one).
+
+    Strict: a tensor the checkpoint lacks or has in another shape is an error naming it (the config must
+    describe the same architecture, e.g. the config ``ctlab convert`` wrote).
+    """
+    weights = load_checkpoint(path)["model"]
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ConfigError(f"train.init_from={path}: the checkpoint does not fit this config's model "
+                          f"({str(err).splitlines()[0]} …: {'; '.join(str(err).splitlines()[1:3])}); "
+                          "use the config the checkpoint was written with") from None

@@ -48,7 +48,8 @@ class ModelConfig:
     norm: str | None = None
     mlp: str | None = None
     loss: str = "clip"
-    logit_scale_init: float | None = None  # log-space; None = loss default (clip log(1/0.07), siglip log 10)
+    # log-space; None = loss default (clip log(1/0.07), ctclip 1.0 unclamped, siglip log 10)
+    logit_scale_init: float | None = None
     logit_bias_init: float | None = None  # siglip only; None = -10
     logit_scale_learnable: bool = True  # false: the scale stays at its init (DCFormer: log-scale 1.0, i.e. e)
     latent_dim: int = 512
@@ -60,7 +61,8 @@ class ModelConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_image_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
+    # image attention projections: qkv/proj (vit3d, hybrid), q/kv/proj (ctvit: q and k, v come from different inputs)
+    lora_image_targets: list[str] = field(default_factory=lambda: ["qkv", "q", "kv", "proj"])
     lora_text_targets: list[str] = field(default_factory=lambda: ["query", "key", "value"])
     grad_checkpointing: bool = False
     sdpa_backend: Literal["auto", "flash", "efficient", "math", "cudnn"] = "auto"  # sdpa attention only
@@ -138,6 +140,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     output_dir: str = "runs"
     log_every: int = 1
+    init_from: str | None = None  # a checkpoint (e.g. from `ctlab convert ctclip`) whose model weights start the run
 
 
 @dataclass

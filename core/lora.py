@@ -6,7 +6,7 @@
 - ``lora``: as MedCT-VLM, the pretrained model is frozen and low-rank
   adapters (peft LoRA, ``W + (α/r)·B·A``, B initialised to zero) are added to
   the attention projections of both towers — ``model.lora_image_targets``
-  (default ``qkv`` and ``proj`` of the image encoder's attention) and
+  (default ``qkv``, ``q``, ``kv`` and ``proj``: the image encoder's attention projections) and
   ``model.lora_text_targets`` (default ``query``, ``key``, ``value`` of BERT)
   with ``model.lora_rank`` / ``lora_alpha`` / ``lora_dropout``. Only the LoRA
   matrices train, plus the loss's temperature (one or two scalars; it sets

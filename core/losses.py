@@ -1,4 +1,5 @@
-"""Contrastive losses by name: ``clip`` (softmax InfoNCE) and ``siglip`` (pairwise sigmoid).
+"""Contrastive losses by name: ``clip`` (softmax InfoNCE), ``ctclip`` (the same with CT-CLIP's temperature) and
+``siglip`` (pairwise sigmoid).
 
 Each loss owns its logit scale (in log space; learnable, or fixed at its
 initial value with ``model.logit_scale_learnable: false``) and, for SigLIP,
@@ -71,6 +72,18 @@ class ClipLoss(ContrastiveLoss):
         logits = self.logits(image_emb, text_emb)
         labels = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+@LOSSES.register("ctclip")
+class CTClipLoss(ClipLoss):
+    """CT-CLIP's loss: the same two cross-entropies with its ``temperature`` — log-scale init 1.0, used as exp(),
+    never clamped (a converted CT-CLIP checkpoint's ``temperature`` loads into ``logit_scale``)."""
+
+    default_log_scale = 1.0
+
+    def scale(self) -> torch.Tensor:
+        """e^{logit_scale}, unclamped as in CT-CLIP."""
+        return self.logit_scale.exp()
 
 
 @LOSSES.register("siglip")

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from core.checkpoint import TrainPosition, load_checkpoint, save_checkpoint, set_rng_state
+from core.checkpoint import TrainPosition, load_checkpoint, load_model_weights, save_checkpoint, set_rng_state
 from core.config import Config, DataConfig, config_id
 from core.distributed import DistEnv, barrier, init_distributed, shutdown
 from core.model import CLIPModel, build_model
@@ -177,6 +177,8 @@ def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
 
     # ---- model, adaptation, optimizer, schedule
     model = build_model(cfg)
+    if t.init_from and state is None:  # pretrained weights (e.g. converted CT-CLIP); a resumed run has its own
+        load_model_weights(model, t.init_from)
     adaptation = apply_adaptation(model, cfg.model)
     model.to(device)
     if t.compile:

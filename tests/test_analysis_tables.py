@@ -41,7 +41,7 @@ def _runs(rows: list[dict]) -> pd.DataFrame:
     ({"model.encoder": "vit3d", "model.attention": "sdpa", "model.mlp": "gelu", "model.norm": "rmsnorm"},
      "vit3d SDPA+GELU+RMSNorm, softmax"),
     ({"model.attention": "None", "model.mlp": "None", "model.norm": "None", "model.loss": "siglip"},
-     "SDPA+GELU+LN, sigmoid"),  # unset axes: CT-ViT's registered defaults
+     "SDPA+GEGLU+LN, sigmoid"),  # unset axes: CT-ViT's registered defaults
     ({"model.encoder": "no_such_encoder", "model.attention": "None", "model.loss": "clip"}, "no_such_encoder, softmax"),
 ])
 def test_config_label_from_params(params: dict, label: str) -> None:

@@ -28,7 +28,7 @@ def _cfg(overrides, *extra):
 @pytest.fixture(scope="module")
 def comparison():
     configs = {
-        "SA+GELU+LN": _cfg(TINY_OVERRIDES, "model.attention=standard", "name=base"),
+        "SA+GELU+LN": _cfg(TINY_OVERRIDES, "model.attention=standard", "model.mlp=gelu", "name=base"),
         "SDPA+SwiGLU+RMS": _cfg(TINY_OVERRIDES, "model.attention=sdpa", "model.mlp=swiglu", "model.norm=rmsnorm"),
     }
     return configs, compare(configs, "SA+GELU+LN", batch_size=2, **FAST)
@@ -41,14 +41,19 @@ def test_linear_flops_are_two_in_out_batch():
 
 
 def test_ctvit_gflops_match_the_transformer_formula(tiny_overrides):
-    """Tiny CT-ViT at 16×32×32: a 4×4×4 token grid, dim 64, 4 heads × 16, GELU MLP ×4, 2 + 2 layers."""
+    """Tiny CT-ViT at 16×32×32: a 4×4×4 token grid, dim 64, 4 heads × 16, GEGLU of width int(4·2/3·64) = 170,
+    2 + 2 layers, each with a PEG; the position-bias MLP over the 16 × 16 spatial offsets; VQ over 512 codes."""
     cfg = _cfg(tiny_overrides)
-    tokens, dim, inner, hidden, patch_dim, (t, h, w) = 64, 64, 64, 256, 4 * 8 * 8, (4, 4, 4)
+    tokens, dim, inner, hidden, patch_dim, (t, h, w) = 64, 64, 64, 170, 4 * 8 * 8, (4, 4, 4)
     patch_embed = 2 * tokens * patch_dim * dim
-    per_layer = tokens * (2 * dim * 3 * inner + 2 * inner * dim + 2 * 2 * dim * hidden)
+    per_layer = tokens * (2 * dim * 3 * inner + 2 * inner * dim + 2 * 3 * dim * hidden)  # q + kv, out; GEGLU
     spatial_attn = t * 2 * 2 * (h * w) ** 2 * inner  # QKᵀ and AV over each slab's h·w tokens
     temporal_attn = h * w * 2 * 2 * t**2 * inner
-    expected = patch_embed + 4 * per_layer + 2 * spatial_attn + 2 * temporal_attn
+    peg = 2 * 27 * dim * tokens  # depthwise 3×3×3
+    position_bias = 2 * (h * w) ** 2 * (2 * dim + dim * dim + dim * 4)  # MLP 2 → 64 → 64 → 4 heads
+    vq = 2 * tokens * dim * 512  # cosine similarity to every code
+    expected = (patch_embed + 4 * per_layer + 2 * spatial_attn + 2 * temporal_attn + 4 * peg + position_bias
+                + vq)
     assert encoder_gflops(cfg) * 1e9 == pytest.approx(expected, rel=1e-12)
 
 

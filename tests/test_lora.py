@@ -64,18 +64,19 @@ def lora_numel(model, rank: int) -> int:
     return sum(rank * (m.base_layer.in_features + m.base_layer.out_features) for m in layers)
 
 
-@pytest.mark.parametrize(("encoder", "image_layers"), [("vit3d", 4), ("ctvit", 8), ("hybrid", 8)])
+# ctvit: q, kv (CT-CLIP takes k, v from the un-normed input) and proj of each of its 4 attention layers
+@pytest.mark.parametrize(("encoder", "image_layers"), [("vit3d", 4), ("ctvit", 12), ("hybrid", 8)])
 def test_lora_makes_only_adapters_and_temperature_trainable(encoder, image_layers):
     model, cfg, summary = adapted(encoder)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable, "nothing trains"
     assert all("lora_" in n or n.startswith("loss.") for n in trainable), trainable
     assert "loss.logit_scale" in trainable
-    image_lora = [m for n, m in model.image_encoder.named_modules() if n.endswith(("qkv", "proj"))
+    image_lora = [m for n, m in model.image_encoder.named_modules() if n.endswith(("qkv", ".q", ".kv", "proj"))
                   and hasattr(m, "lora_A")]
     text_lora = [m for n, m in model.text_encoder.named_modules() if n.endswith(("query", "key", "value"))
                  and hasattr(m, "lora_A")]
-    assert len(image_lora) == image_layers  # qkv and proj of every attention layer
+    assert len(image_lora) == image_layers  # every attention projection
     assert len(text_lora) == 2 * 3  # query, key, value of the tiny BERT's two layers
     assert summary["params_trainable"] == lora_numel(model, cfg.model.lora_rank) + 1  # + the logit scale
     assert summary["params_total"] == sum(p.numel() for p in model.parameters())

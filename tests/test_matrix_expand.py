@@ -58,7 +58,7 @@ def test_bad_matrix_fails_before_anything_runs(tmp_path, data, message):
 
 def test_labels_name_components_like_the_paper():
     matrix = load_matrix("experiments/paper.yaml")
-    assert [c.label for c in matrix.cells] == ["SA+GELU+LN, softmax", "SA+GELU+LN, sigmoid",
+    assert [c.label for c in matrix.cells] == ["SA+GEGLU+LN, softmax", "SA+GEGLU+LN, sigmoid",
                                                "FA+SwiGLU+RMSNorm, sigmoid"]
     assert cell_label(matrix.cells[0].config) == matrix.cells[0].label
 

@@ -308,7 +308,7 @@ def test_bare_runs_still_give_a_report_that_says_what_is_missing(store: dict, tm
     md = (tmp_path / "report.md").read_text()
     assert "No efficiency runs (`ctlab.kind=efficiency`) were logged for matrix `other_matrix`" in md
     assert "ctlab bench model --matrix FILE" in md
-    assert "zeroshot_predictions.csv missing for: SDPA+GELU+LN, softmax" in md  # CT-ViT defaults, derived
+    assert "zeroshot_predictions.csv missing for: SDPA+GEGLU+LN, softmax" in md  # CT-ViT defaults, derived
     assert "no zero-shot metrics" in md and "not logged (runs have no eval.protocols param)" in md
     assert pd.read_csv(tmp_path / "tables" / "performance.csv")["auroc"].isna().all()
     assert not (tmp_path / "figures").exists()

@@ -95,13 +95,13 @@ def _matrix(**fields) -> dict:
 
 def test_matrix_run_names_add_what_else_varies():
     repeated = load_matrix(_matrix(axes={"model.loss": ["clip", "siglip"]}, repeats=2))
-    assert sorted(run_names(repeated).values()) == [f"SDPA+GELU+LN · {loss} · seed {seed}"
+    assert sorted(run_names(repeated).values()) == [f"SDPA+GEGLU+LN · {loss} · seed {seed}"
                                                     for loss in ("sigmoid", "softmax") for seed in (0, 1)]
     by_lr = load_matrix(_matrix(axes={"model.norm": ["layernorm", "rmsnorm"], "train.lr": [0.001, 0.0001]}))
     names = run_names(by_lr)
-    assert len(set(names.values())) == 4 and "SDPA+GELU+RMSNorm · softmax · lr 0.0001" in names.values()
+    assert len(set(names.values())) == 4 and "SDPA+GEGLU+RMSNorm · softmax · lr 0.0001" in names.values()
     plain = load_matrix(_matrix(axes={"model.loss": ["clip", "siglip"]}))
-    assert sorted(run_names(plain).values()) == ["SDPA+GELU+LN · sigmoid", "SDPA+GELU+LN · softmax"]
+    assert sorted(run_names(plain).values()) == ["SDPA+GEGLU+LN · sigmoid", "SDPA+GEGLU+LN · softmax"]
 
 
 def test_parent_run_lists_skipped_cells_with_why(store, tmp_path):
@@ -136,7 +136,7 @@ def test_cell_failing_before_training_still_gets_a_failed_run(store, tmp_path):
         run_cell(matrix.cells[0], matrix, parent, opts)
     runs = find_runs(store, "tags.matrix = 'm' and tags.`ctlab.kind` = 'train'")
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
-    assert runs[0].info.run_name == "SDPA+GELU+LN · softmax"
+    assert runs[0].info.run_name == "SDPA+GEGLU+LN · softmax"
     assert runs[0].data.tags["mlflow.parentRunId"] == parent
     assert str(err.value) in runs[0].data.tags["failure_reason"]
     assert str(err.value) in runs[0].data.tags["mlflow.note.content"]

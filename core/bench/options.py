@@ -43,6 +43,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "compile": {"train.compile": True},
     "sdpa-flash": {"model.sdpa_backend": "flash"},
     "sdpa-math": {"model.sdpa_backend": "math"},
+    "no-position-bias": {"model.encoder_args.position_bias": "none"},  # the seed paper's CT-ViT (no CPB)
+    "no-vq": {"model.encoder_args.codebook_size": 0},  # CT-ViT without vector quantisation
 }
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # A change smaller than this is within the noise of a shared machine: the option does not pay for it.

@@ -4,7 +4,9 @@ An image encoder is a module mapping a volume batch (B, 1, D, H, W) to
 features (B, out_dim); the CLIP model projects them to the shared latent.
 Each encoder declares which ablation axes (attention, norm, mlp) it takes and
 its defaults for them; a config that sets an axis the encoder lacks is
-rejected by name, and a matrix lists such a cell as skipped.
+rejected by name, and a matrix lists such a cell as skipped. An encoder may
+also declare ``conflicts(cfg, axes) -> reasons`` for combinations of its own
+settings and the axes it cannot run (CT-ViT: ``flash`` with a position bias).
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ from core.registry import ENCODERS, ConfigError, closest
 
 AXES = ("attention", "norm", "mlp")
 Builder = Callable[[ModelConfig, tuple[int, int, int]], nn.Module]
+Conflicts = Callable[[ModelConfig, dict[str, str]], list[str]]
 A = TypeVar("A")
 
 
-def register_encoder(name: str, axes: Mapping[str, str] | None = None) -> Callable[[Builder], Builder]:
+def register_encoder(name: str, axes: Mapping[str, str] | None = None,
+                     conflicts: Conflicts | None = None) -> Callable[[Builder], Builder]:
     """Register ``builder(model_cfg, input_shape) -> nn.Module`` as encoder ``name``.
 
     ``axes`` maps each ablation axis the encoder takes to its default value,
-    e.g. ``{"attention": "sdpa", "norm": "layernorm", "mlp": "gelu"}``.
+    e.g. ``{"attention": "sdpa", "norm": "layernorm", "mlp": "gelu"}``;
+    ``conflicts(model_cfg, resolved_axes)`` lists why a config cannot be built.
     """
-    return ENCODERS.register(name, axes=dict(axes or {}))
+    return ENCODERS.register(name, axes=dict(axes or {}), conflicts=conflicts)
 
 
 def encoder_axes(name: str) -> dict[str, str]:
@@ -41,18 +46,22 @@ def encoder_axes(name: str) -> dict[str, str]:
 def unsupported_axes(cfg: ModelConfig) -> list[str]:
     """Reasons this config sets axes its encoder does not take (empty when it is valid)."""
     takes = encoder_axes(cfg.encoder)
-    return [
+    reasons = [
         f"encoder '{cfg.encoder}' has no {axis} axis (model.{axis}={getattr(cfg, axis)}); "
         f"it takes: {', '.join(takes) or 'none of attention/norm/mlp'}"
         for axis in AXES
         if getattr(cfg, axis) is not None and axis not in takes
     ]
+    conflicts = ENCODERS.meta(cfg.encoder).get("conflicts")
+    if reasons or conflicts is None:
+        return reasons
+    return conflicts(cfg, {axis: getattr(cfg, axis) or default for axis, default in takes.items()})
 
 
 def resolve_axes(cfg: ModelConfig) -> dict[str, str]:
     """The axis values an encoder is built with: the config's, else the encoder's defaults."""
     if reasons := unsupported_axes(cfg):
-        raise ConfigError("; ".join(reasons) + " — remove that key or pick an encoder that takes it")
+        raise ConfigError("; ".join(reasons) + " — change that key or pick an encoder that takes it")
     return {axis: getattr(cfg, axis) or default for axis, default in encoder_axes(cfg.encoder).items()}
 
 

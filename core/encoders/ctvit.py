@@ -1,16 +1,24 @@
-"""CT-ViT, CT-CLIP's image encoder: 3D patches → spatial transformer per slab → temporal transformer.
+"""CT-ViT, CT-CLIP's image encoder exactly as its public code builds it (``transformer_maskgit/ctvit.py``).
 
 A volume (B, 1, D, H, W) is cut into patches of ``temporal_patch`` slices ×
 ``patch`` × ``patch`` pixels, giving a (t, h, w) grid of tokens (24 × 24 × 24
 at CT-CLIP's 240 × 480 × 480). The spatial transformer attends within each
 slab (h·w tokens), the temporal transformer along each token column (t
-tokens). ``pool: ctclip`` reproduces CT-CLIP's embedding — mean over slabs,
-then the h·w·dim spatial tokens flattened (294,912 values at the CT-CLIP
-preset) for the bias-free latent projection; ``pool: mean`` averages all tokens.
+tokens); both are CT-CLIP's (``core.layers.factorized``): a PEG before every
+attention, q from the normed input and k, v from the un-normed one, l2
+qk-norm × learned scales at scale 8, bias-less output projections and norms,
+a GEGLU feed-forward of width int(4 · 2/3 · dim) without biases. The spatial
+attention adds a continuous position bias over the (h, w) grid. The encoded
+tokens are then vector-quantised (cosine, 8192 codes; ``core.layers.vq``).
+``pool: ctclip`` reproduces CT-CLIP's embedding — mean over slabs, then the
+h·w·dim spatial tokens flattened (294,912 values at the CT-CLIP preset) for
+the bias-free latent projection; ``pool: mean`` averages all tokens.
 
-Positions are learned embeddings, one table for the h·w spatial grid and one
-for the t slabs (CT-CLIP uses a conv position generator and a continuous
-position bias; learned tables keep every attention kernel exchangeable).
+Switches (``model.encoder_args``), CT-CLIP's values first: ``position_bias:
+cpb | none``, ``peg: true | false``, ``qk_norm: true | false`` (false: plain
+softmax(QKᵀ/√d)), ``codebook_size: 8192`` (0: no quantisation). The seed
+paper's variants are ``position_bias: none`` (flash-attn cannot add a bias;
+``attention: flash`` with ``cpb`` is a config error).
 
 Patch embedding (CT-CLIP's): norm over each patch's pt·p·p voxels → Linear →
 norm over ``dim``. ``patch_embed: linear`` computes it as written, on a copy of
@@ -39,8 +47,9 @@ from torch.utils.checkpoint import checkpoint
 
 from core.config import ModelConfig
 from core.encoders.base import register_encoder, resolve_axes, resolve_preset
-from core.layers.block import Transformer
+from core.layers.factorized import ContinuousPositionBias, FactorizedTransformer
 from core.layers.norm import create_norm
+from core.layers.vq import VectorQuantizer
 from core.registry import ConfigError
 
 
@@ -57,14 +66,27 @@ class CTViTArgs:
     temporal_patch: int = 10
     pool: Literal["ctclip", "mean"] = "ctclip"
     patch_embed: Literal["linear", "conv"] = "linear"
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0  # CT-CLIP's ff_mult: feed-forward width int(mlp_ratio · 2/3 · dim)
     dropout: float = 0.0
+    position_bias: Literal["cpb", "none"] = "cpb"
+    peg: bool = True
+    qk_norm: bool = True
+    codebook_size: int = 8192  # 0 = no vector quantisation
 
 
 PRESETS = {
     "ctclip": CTViTArgs(),
-    "tiny": CTViTArgs(dim=64, spatial_depth=2, temporal_depth=2, heads=4, dim_head=16, patch=8, temporal_patch=4),
+    "tiny": CTViTArgs(dim=64, spatial_depth=2, temporal_depth=2, heads=4, dim_head=16, patch=8, temporal_patch=4,
+                      codebook_size=512),
 }
+
+
+def position_bias_conflict(attention: str, position_bias: str) -> str | None:
+    """Why a kernel cannot run this position bias (flash-attn takes no additive bias), or None."""
+    if attention == "flash" and position_bias == "cpb":
+        return ("model.attention=flash cannot add CT-ViT's continuous position bias; set "
+                "model.encoder_args.position_bias=none (what the seed paper does) or use attention sdpa / standard")
+    return None
 
 
 class CTViT(nn.Module):
@@ -84,13 +106,19 @@ class CTViT(nn.Module):
         self.patch_norm_in = create_norm(norm, patch_dim)
         self.patch_proj = nn.Linear(patch_dim, args.dim)
         self.patch_norm_out = create_norm(norm, args.dim)
+        if reason := position_bias_conflict(attention, args.position_bias):
+            raise ConfigError(reason)
+        if args.codebook_size < 0:
+            raise ConfigError(f"model.encoder_args.codebook_size: {args.codebook_size} must be >= 0 "
+                              "(0: no quantisation)")
         t, h, w = self.grid
-        self.spatial_pos = nn.Parameter(torch.randn(h * w, args.dim) * 0.02)
-        self.temporal_pos = nn.Parameter(torch.randn(t, args.dim) * 0.02)
+        self.position_bias = ContinuousPositionBias(args.dim, args.heads) if args.position_bias == "cpb" else None
         layer = dict(heads=args.heads, dim_head=args.dim_head, attention=attention, norm=norm, mlp=mlp,
-                     mlp_ratio=args.mlp_ratio, dropout=args.dropout)
-        self.spatial = Transformer(args.dim, args.spatial_depth, **layer)
-        self.temporal = Transformer(args.dim, args.temporal_depth, **layer)
+                     hidden=int(args.mlp_ratio * (2 / 3) * args.dim), peg=args.peg, qk_norm=args.qk_norm,
+                     dropout=args.dropout)
+        self.spatial = FactorizedTransformer(args.dim, args.spatial_depth, **layer)
+        self.temporal = FactorizedTransformer(args.dim, args.temporal_depth, **layer)
+        self.vq = VectorQuantizer(args.dim, args.codebook_size) if args.codebook_size else None
         self.out_dim = h * w * args.dim if args.pool == "ctclip" else args.dim
         self.grad_checkpointing = False
         if args.patch_embed == "conv":
@@ -141,18 +169,22 @@ class CTViT(nn.Module):
         return out.permute(0, 2, 3, 4, 1)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D, H, W) → encoded tokens (B, t, h, w, dim)."""
+        """(B, 1, D, H, W) → encoded, quantised tokens (B, t, h, w, dim) (CT-CLIP's ``return_encoded_tokens``)."""
         b, dim = x.shape[0], self.args.dim
         t, h, w = self.grid
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             tokens = checkpoint(self.embed_patches, x, use_reentrant=False)
         else:
             tokens = self.embed_patches(x)
-        tokens = tokens.reshape(b * t, h * w, dim) + self.spatial_pos
-        tokens = self.spatial(tokens)
-        tokens = tokens.reshape(b, t, h * w, dim).transpose(1, 2).reshape(b * h * w, t, dim) + self.temporal_pos
-        tokens = self.temporal(tokens)
-        return tokens.reshape(b, h, w, t, dim).permute(0, 3, 1, 2, 4)
+        grid_shape = (b, t, h, w)
+        bias = self.position_bias(h, w) if self.position_bias is not None else None
+        tokens = self.spatial(tokens.reshape(b * t, h * w, dim), grid_shape, bias)
+        tokens = tokens.reshape(b, t, h * w, dim).transpose(1, 2).reshape(b * h * w, t, dim)
+        tokens = self.temporal(tokens, grid_shape)
+        tokens = tokens.reshape(b, h, w, t, dim).permute(0, 3, 1, 2, 4)
+        if self.vq is not None:  # CT-CLIP keeps the quantised tokens and drops the commitment loss
+            tokens = self.vq(tokens.reshape(b, t * h * w, dim))[0].view(b, t, h, w, dim)
+        return tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.forward_tokens(x)
@@ -173,7 +205,13 @@ def patch_norm_centre(norm: nn.Module) -> bool:
 _FOLDABLE_NORMS: dict[type[nn.Module], bool] = {nn.LayerNorm: True, nn.RMSNorm: False}
 
 
-@register_encoder("ctvit", axes={"attention": "sdpa", "norm": "layernorm", "mlp": "gelu"})
+def ctvit_conflicts(cfg: ModelConfig, axes: dict[str, str]) -> list[str]:
+    """Choices this encoder cannot combine (a matrix lists such a cell as skipped with the reason)."""
+    args = resolve_preset(cfg, PRESETS, "ctclip")
+    return [reason] if (reason := position_bias_conflict(axes["attention"], args.position_bias)) else []
+
+
+@register_encoder("ctvit", axes={"attention": "sdpa", "norm": "layernorm", "mlp": "geglu"}, conflicts=ctvit_conflicts)
 def ctvit(cfg: ModelConfig, input_shape: tuple[int, int, int]) -> CTViT:
-    """CT-CLIP's CT-ViT; presets ``ctclip`` (the paper's, default) and ``tiny`` (CPU-sized)."""
+    """CT-CLIP's CT-ViT; presets ``ctclip`` (the paper's, default) and ``tiny`` (the same network, CPU-sized)."""
     return CTViT(resolve_preset(cfg, PRESETS, "ctclip"), input_shape, **resolve_axes(cfg))

@@ -1,9 +1,16 @@
 """Multi-head self-attention with a swappable kernel: ``standard``, ``sdpa``, ``flash``.
 
-All three compute softmax(QKᵀ/√d)V over the same projections; they differ only
-in how: ``standard`` materialises the (L × L) attention matrix (the CT-CLIP
+All three compute softmax(QKᵀ·scale + bias)V (scale 1/√d unless given; an
+optional additive float bias, broadcast over the batch, e.g. CT-ViT's
+continuous position bias) over the same projections; they differ only in how:
+``standard`` materialises the (L × L) attention matrix (the CT-CLIP
 baseline), ``sdpa`` calls torch's fused ``scaled_dot_product_attention``, and
-``flash`` calls the flash-attn package (CUDA, fp16/bf16 only).
+``flash`` calls the flash-attn package (CUDA, fp16/bf16 only), which takes no
+additive bias: a bias there is an error.
+
+With a bias, ``sdpa`` passes it as a float ``attn_mask``: torch's math and
+memory-efficient backends (and cuDNN on recent GPUs) accept it; its flash
+backend does not, so the dispatcher skips it.
 
 ``sdpa`` picks its backend itself unless ``model.sdpa_backend`` names one
 (``set_sdpa_backend``): ``flash`` (FlashAttention-2 inside torch; on CPU torch's
@@ -27,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from core.registry import ATTENTION, ConfigError, closest
 
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Kernel = Callable[..., torch.Tensor]  # (q, k, v, bias=None, scale=None) -> out
 
 # model.sdpa_backend → torch backend (None = torch's own choice).
 SDPA_BACKENDS: dict[str, SDPBackend | None] = {
@@ -45,16 +52,23 @@ SDPA_DEVICE_BACKENDS: dict[str, tuple[str, ...]] = {
 
 
 @ATTENTION.register("standard")
-def standard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Explicit softmax(QKᵀ/√d)V on (batch, heads, tokens, dim_head) tensors."""
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+def standard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+                       scale: float | None = None) -> torch.Tensor:
+    """Explicit softmax(QKᵀ·scale + bias)V on (batch, heads, tokens, dim_head) tensors."""
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    if bias is not None:
+        scores = scores + bias
     return scores.softmax(dim=-1) @ v
 
 
 @ATTENTION.register("sdpa")
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """torch's fused scaled-dot-product attention (flash / memory-efficient / math backend)."""
-    return F.scaled_dot_product_attention(q, k, v)
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+                   scale: float | None = None) -> torch.Tensor:
+    """torch's fused scaled-dot-product attention (flash / memory-efficient / math backend); a bias goes in as a
+    float ``attn_mask``."""
+    if bias is not None:
+        bias = bias.to(q.dtype).expand(q.shape[0], *bias.shape[-3:])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def flash_unavailable_reason() -> str | None:
@@ -67,14 +81,18 @@ def flash_unavailable_reason() -> str | None:
 
 
 @ATTENTION.register("flash")
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """FlashAttention (Dao et al.) via flash-attn; inputs are cast to bf16 unless already half."""
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+                    scale: float | None = None) -> torch.Tensor:
+    """FlashAttention (Dao et al.) via flash-attn; inputs are cast to bf16 unless already half. No additive bias."""
     from flash_attn import flash_attn_func
 
+    if bias is not None:
+        raise ConfigError("model.attention=flash cannot add an attention bias; set model.encoder_args.position_bias"
+                          "=none (as the seed paper does) or use model.attention=sdpa / standard")
     if not q.is_cuda:
         raise RuntimeError("attention 'flash' got CPU tensors; use model.attention=sdpa on CPU")
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    out = flash_attn_func(*(t.transpose(1, 2).to(dtype) for t in (q, k, v)))
+    out = flash_attn_func(*(t.transpose(1, 2).to(dtype) for t in (q, k, v)), softmax_scale=scale)
     return out.transpose(1, 2).to(q.dtype)
 
 
@@ -86,24 +104,23 @@ def check_sdpa_backend(backend: str) -> SDPBackend | None:
     return SDPA_BACKENDS[backend]
 
 
-class MultiHeadAttention(nn.Module):
-    """Self-attention: fused qkv projection → kernel → output projection."""
+class KernelAttention(nn.Module):
+    """What every attention layer shares: its kernel by name and the ``sdpa`` backend choice."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, kernel: Kernel, name: str) -> None:
+    def __init__(self, heads: int, dim_head: int, kernel: Kernel, name: str) -> None:
         super().__init__()
         self.heads, self.dim_head, self.kernel_name = heads, dim_head, name
         self.kernel = kernel
         self.sdpa_backend = "auto"
-        inner = heads * dim_head
-        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.proj = nn.Linear(inner, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        qkv = self.qkv(x).view(batch, tokens, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        with self._backend_scope(x.device.type):
-            out = self.kernel(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+               scale: float | None = None) -> torch.Tensor:
+        """Run the kernel on (batch, heads, tokens, dim_head) tensors inside the chosen ``sdpa`` backend."""
+        if bias is not None and self.kernel_name == "sdpa" and self.sdpa_backend == "flash":
+            raise ConfigError("model.sdpa_backend=flash takes no attention bias; use sdpa_backend auto, math or "
+                              "efficient, or model.encoder_args.position_bias=none")
+        with self._backend_scope(q.device.type):
+            return self.kernel(q, k, v, bias=bias, scale=scale)
 
     def _backend_scope(self, device_type: str) -> AbstractContextManager:
         """``sdpa_kernel(backend)`` for an ``sdpa`` kernel with a chosen backend on CPU or CUDA; a no-op otherwise
@@ -121,26 +138,46 @@ class MultiHeadAttention(nn.Module):
         return f"kernel={self.kernel_name}{backend}, heads={self.heads}, dim_head={self.dim_head}"
 
 
+class MultiHeadAttention(KernelAttention):
+    """Self-attention: fused qkv projection → kernel → output projection."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, kernel: Kernel, name: str) -> None:
+        super().__init__(heads, dim_head, kernel, name)
+        inner = heads * dim_head
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.proj = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).view(batch, tokens, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        out = self.attend(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head))
+
+
 def set_sdpa_backend(module: nn.Module, backend: str) -> int:
     """Make every ``sdpa`` attention inside ``module`` run on ``backend`` (a ``model.sdpa_backend`` value).
 
     Returns how many attention layers took it (layers with other kernels ignore it).
     """
     check_sdpa_backend(backend)
-    layers = [m for m in module.modules() if isinstance(m, MultiHeadAttention)]
+    layers = [m for m in module.modules() if isinstance(m, KernelAttention)]
     for layer in layers:
         layer.sdpa_backend = backend
     return sum(layer.kernel_name == "sdpa" for layer in layers)
 
 
-def create_attention(name: str, dim: int, heads: int = 8, dim_head: int = 64) -> MultiHeadAttention:
-    """Build self-attention over ``dim``-wide tokens with the kernel registered as ``name``.
-
-    ``flash`` fails here, before any training, when flash-attn or CUDA is missing.
-    """
+def attention_kernel(name: str) -> Kernel:
+    """The kernel registered as ``name``; ``flash`` fails here, before any training, when flash-attn or CUDA is
+    missing, naming ``sdpa`` as the way out."""
     kernel = ATTENTION.get(name)
     if name == "flash" and (reason := flash_unavailable_reason()):
         raise ConfigError(
             f"model.attention=flash: {reason}; use model.attention=sdpa instead (same math, runs everywhere)"
         )
-    return MultiHeadAttention(dim, heads, dim_head, kernel, name)
+    return kernel
+
+
+def create_attention(name: str, dim: int, heads: int = 8, dim_head: int = 64) -> MultiHeadAttention:
+    """Build self-attention over ``dim``-wide tokens with the kernel registered as ``name`` (see
+    ``attention_kernel``)."""
+    return MultiHeadAttention(dim, heads, dim_head, attention_kernel(name), name)
