@@ -51,22 +51,25 @@ def random_texts(n: int, seed: int = 0, words: int = 12) -> list[str]:
     return [" ".join(rng.choices(_WORDS, k=words)).capitalize() + "." for _ in range(n)]
 
 
-def encoder_gflops(cfg: Config) -> float:
-    """Forward GFLOPs of the image encoder for one volume of ``data.target_shape``.
+def meta_encoder(cfg: Config) -> tuple[torch.nn.Module, torch.Tensor]:
+    """``cfg``'s image encoder and one volume of ``data.target_shape``, on the meta device, for counting.
 
-    Counted on the meta device (no memory, no compute), where every attention
-    kernel runs as its math: torch's CPU flash kernel for ``sdpa`` has no FLOP
-    formula and would count as zero. ``flash`` computes the same product as
-    ``sdpa`` and is counted as ``sdpa``.
+    The meta device holds no memory and computes nothing, and there every
+    attention kernel runs as its math: torch's CPU flash kernel for ``sdpa``
+    has no FLOP formula and would count as zero. ``flash`` computes the same
+    product as ``sdpa`` and is built as ``sdpa``.
     """
     model_cfg = cfg.model
     if model_cfg.attention == "flash":
         model_cfg = dataclasses.replace(model_cfg, attention="sdpa")
     shape = tuple(cfg.data.target_shape)
     with torch.device("meta"):
-        encoder = create_encoder(model_cfg, shape)
-        volume = torch.empty(1, 1, *shape)
-    return count_flops(encoder, volume) / 1e9
+        return create_encoder(model_cfg, shape), torch.empty(1, 1, *shape)
+
+
+def encoder_gflops(cfg: Config) -> float:
+    """Forward GFLOPs of the image encoder for one volume of ``data.target_shape`` (counted on the meta device)."""
+    return count_flops(*meta_encoder(cfg)) / 1e9
 
 
 class BenchSubject:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from core.bench.model import encoder_gflops
+from core.bench.model import encoder_gflops, meta_encoder
 from core.bench.probes import count_macs_fvcore
 from core.config import Config, load_config
 from core.encoders import create_encoder, encoder_axes
@@ -179,13 +178,7 @@ def encoder_fvcore_size(cfg: Config) -> dict[str, float]:
     Built on the meta device, in train mode as a fresh module is — the state
     in which the DCFormer authors ran fvcore's ``FlopCountAnalysis``.
     """
-    model_cfg = cfg.model
-    if model_cfg.attention == "flash":
-        model_cfg = dataclasses.replace(model_cfg, attention="sdpa")
-    shape = tuple(cfg.data.target_shape)
-    with torch.device("meta"):
-        encoder = create_encoder(model_cfg, shape)
-        volume = torch.empty(1, 1, *shape)
+    encoder, volume = meta_encoder(cfg)
     params = count_parameters(encoder)["total"]
     return {"gmacs_fvcore": count_macs_fvcore(encoder, volume) / 1e9,
             "image_params_proj": params + encoder.out_dim * cfg.model.latent_dim}
