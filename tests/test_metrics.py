@@ -2,6 +2,7 @@ import logging
 
 import numpy as np
 import pytest
+from scipy import stats
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -274,3 +275,138 @@ def test_retrieval_k_above_n_is_clipped_with_a_warning(caplog):
     assert "clipped" in caplog.text
     with pytest.raises(ValueError, match="must both be"):
         retrieval_recall(emb, emb[:3])
+
+
+# --------------------------------------------------------------------------- against direct computations
+# The references below resample explicitly (the same seeded draws as core.metrics: one row of
+# ``default_rng(seed).integers(0, N, (n, N))`` per resample), score every resample with scikit-learn,
+# and take numpy percentiles; they share no code with the vectorised implementation.
+
+
+def _rare_tied(n=40, seed=11):
+    """Three labels (common, 3 positives, 2 positives) with scores rounded to 0.1: rare labels and many ties."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((n, 3))
+    labels[:, 0] = rng.random(n) < 0.5
+    labels[rng.choice(n, 3, replace=False), 1] = 1
+    labels[rng.choice(n, 2, replace=False), 2] = 1
+    scores_a = np.round(1 / (1 + np.exp(-(1.5 * (2 * labels - 1) + rng.normal(0, 1, labels.shape)))), 1)
+    scores_b = np.round(1 / (1 + np.exp(-(0.3 * (2 * labels - 1) + rng.normal(0, 1, labels.shape)))), 1)
+    return labels, scores_a, scores_b
+
+
+def _ctclip_threshold_loop(y, s):
+    """CT-CLIP's find_threshold written out: the last of 100 thresholds nearest the ROC's top-left corner."""
+    best, best_t = np.inf, None
+    for t in np.linspace(0, 1, 100):
+        pred = s > t
+        tpr = (pred & (y == 1)).sum() / (y == 1).sum()
+        fpr = (pred & (y == 0)).sum() / (y == 0).sum()
+        distance = np.sqrt((1 - tpr) ** 2 + fpr**2)
+        if distance <= best:
+            best, best_t = distance, t
+    return best_t
+
+
+def _label_metric(metric, y, s, pred):
+    """One label's ``metric`` by scikit-learn on (possibly resampled) arrays."""
+    if metric == "auroc":
+        return roc_auc_score(y, s)
+    if metric == "auprc":
+        return average_precision_score(y, s)
+    if metric == "f1":
+        return f1_score(y, pred, average="weighted", zero_division=0)
+    if metric == "precision":
+        return precision_score(y, pred, zero_division=0)
+    if metric == "recall":
+        return recall_score(y, pred, zero_division=0)
+    return accuracy_score(y, pred)
+
+
+def _explicit_macros(labels, scores, draws, metric):
+    """Macro ``metric`` on each resample (a row of ``draws``): a label with one class in the resample (or in
+    the data) counts as NaN and is left out of the mean. Thresholds are chosen once on all volumes."""
+    thresholds = [_ctclip_threshold_loop(labels[:, k], scores[:, k]) if 0 < labels[:, k].sum() < len(labels)
+                  else None for k in range(labels.shape[1])]
+    out = []
+    for idx in draws:
+        values = []
+        for k, threshold in enumerate(thresholds):
+            y, s = labels[idx, k], scores[idx, k]
+            if threshold is None or y.min() == y.max():
+                values.append(np.nan)
+            else:
+                values.append(_label_metric(metric, y, s, (s > threshold).astype(int)))
+        out.append(np.nan if np.isnan(values).all() else np.nanmean(values))
+    return np.array(out)
+
+
+def _draws(n_items, n_resamples, seed):
+    return np.random.default_rng(seed).integers(0, n_items, size=(n_resamples, n_items))
+
+
+@pytest.mark.parametrize("metric", ["auroc", "auprc", "f1", "precision", "recall", "accuracy"])
+def test_bootstrap_ci_equals_explicit_resampling_with_rare_labels_and_ties(metric):
+    labels, scores, _ = _rare_tied()
+    explicit = _explicit_macros(labels, scores, _draws(40, 300, seed=4), metric)
+    low, high = bootstrap_ci(labels, scores, "ctclip", n=300, ci=0.95, seed=4, metrics=[metric])[metric]
+    assert (low, high) == pytest.approx(tuple(np.nanpercentile(explicit, [2.5, 97.5])), abs=1e-12)
+
+
+def test_resample_that_draws_one_class_is_left_out_not_scored_zero():
+    """A label with 2 positives in 30 volumes: ~13 % of resamples draw none; they are NaN, not recall 0."""
+    labels = np.zeros((30, 1))
+    labels[[3, 17], 0] = 1
+    scores = np.linspace(0.05, 0.7, 30)[:, None]
+    scores[[3, 17], 0] = [0.9, 0.45]
+    draws = _draws(30, 500, seed=0)
+    no_positive = np.array([labels[idx, 0].sum() == 0 for idx in draws])
+    assert no_positive.sum() > 25  # the case really occurs, in more than 2.5 % of the resamples
+    for metric in ("recall", "precision", "f1", "accuracy", "auroc", "auprc"):
+        reference = _explicit_macros(labels, scores, draws, metric)
+        assert np.isnan(reference[no_positive]).all() and not np.isnan(reference[~no_positive]).any()
+        low, high = bootstrap_ci(labels, scores, "ctclip", n=500, seed=0, metrics=[metric])[metric]
+        assert (low, high) == pytest.approx(tuple(np.nanpercentile(reference, [2.5, 97.5])), abs=1e-12), metric
+        if metric == "recall":  # scoring those resamples 0 would drag the lower bound down to 0
+            assert np.percentile(np.nan_to_num(reference, nan=0.0), 2.5) == 0.0 < low
+
+
+@pytest.mark.parametrize("metric", ["auroc", "auprc", "f1", "recall"])
+def test_paired_bootstrap_equals_explicit_paired_resampling(metric):
+    labels, a, b = _rare_tied()
+    n = 400
+    draws = _draws(40, n, seed=2)
+    deltas = _explicit_macros(labels, a, draws, metric) - _explicit_macros(labels, b, draws, metric)
+    deltas = deltas[~np.isnan(deltas)]
+    smaller_tail = min((deltas <= 0).sum(), (deltas >= 0).sum())
+    p_value = min(1.0, 2 * (smaller_tail + 1) / (len(deltas) + 1))  # two-sided, +1 for the observed
+    full = np.arange(40)[None, :]
+    out = paired_bootstrap(labels, a, b, metric, n=n, seed=2, ci=0.9)
+    assert out["delta"] == pytest.approx(_explicit_macros(labels, a, full, metric)[0] -
+                                         _explicit_macros(labels, b, full, metric)[0], abs=1e-12)
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx(tuple(np.percentile(deltas, [5, 95])), abs=1e-12)
+    assert out["p_value"] == pytest.approx(p_value, abs=1e-12)
+    assert 0 < out["p_value"] < 1  # neither capped nor degenerate: the two-sided factor shows
+
+
+def test_paired_bootstrap_p_value_agrees_with_the_normal_approximation():
+    """For a moderate effect on many volumes the bootstrap distribution of Δ is close to normal, so its
+    two-sided p-value is close to 2·Φ(−|mean Δ*| / sd Δ*) (scipy)."""
+    labels, a = _data(n=300, k=1, seed=21, signal=1.0)
+    b = a + np.random.default_rng(22).normal(0, 0.15, a.shape)  # the same scorer, degraded a little
+    out = paired_bootstrap(labels, a, b, "auroc", n=600, seed=0)
+    deltas = np.array([_sk_macro_auroc(labels[idx], a[idx]) - _sk_macro_auroc(labels[idx], b[idx])
+                       for idx in _draws(300, 600, seed=0)])
+    normal_p = 2 * stats.norm.sf(abs(deltas.mean()) / deltas.std(ddof=1))
+    assert 0.01 < normal_p < 0.5
+    assert out["p_value"] == pytest.approx(normal_p, abs=0.02)
+
+
+def test_delong_p_value_is_the_two_sided_normal_tail_with_ties_and_a_rare_class():
+    labels, a, b = _rare_tied(n=60, seed=5)
+    y = labels[:, 1].astype(bool)  # 3 positives of 60; scores rounded to 0.1, so many ties
+    out = delong_test(y, a[:, 1], b[:, 1])
+    assert out["auc_a"] == pytest.approx(roc_auc_score(y, a[:, 1]))
+    assert out["auc_b"] == pytest.approx(roc_auc_score(y, b[:, 1]))
+    assert out["p_value"] == pytest.approx(2 * stats.norm.sf(abs(out["z"])))
+    assert out["p_value"] == pytest.approx(stats.norm.sf(abs(out["z"])) + stats.norm.cdf(-abs(out["z"])))
