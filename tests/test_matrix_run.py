@@ -98,7 +98,9 @@ def test_killed_matrix_resumes_and_finishes_each_cell_once(synthetic, stores, tm
     finished = Counter(r.data.tags["cell_id"] for r in runs if r.info.status == "FINISHED")
     assert finished == {c.cell_id: 1 for c in cells}
     # resume is resume: the killed cell has one run, the one its checkpoint recorded, continued after the checkpoint
-    [resumed] = [r for r in runs if r.data.tags["cell_id"] == killed.cell_id]
+    killed_runs = [r for r in runs if r.data.tags["cell_id"] == killed.cell_id]
+    assert [r.info.run_id for r in killed_runs] == [killed_run], "the killed cell was restarted in a new run"
+    resumed = killed_runs[0]
     assert resumed.info.run_id == killed_run and resumed.info.status == "FINISHED"
     client = MlflowClient(stores[0])
     history = client.get_metric_history(resumed.info.run_id, "train_loss")
