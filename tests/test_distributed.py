@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from core.checkpoint import load_checkpoint
 from core.cli import main
 from core.config import load_config
+from core.losses import gather_features
 from core.model import build_model
 from tests.conftest import TINY_OVERRIDES
 
@@ -55,6 +56,31 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _gather_worker(rank: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    local = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    gathered = gather_features(local)
+    (gathered * torch.arange(12.0).view(4, 3)).sum().backward()
+    out[rank] = (gathered.detach().clone(), local.grad.clone())
+    dist.destroy_process_group()
+
+
+def test_gather_concatenates_every_rank_in_order_with_gradients():
+    """gather_features on 2 gloo ranks: (4, 3) = rank 0's rows then rank 1's, on both ranks; each rank's
+    gradient is the sum over ranks of the upstream gradient at its own rows."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_gather_worker, args=(_free_port(), out), nprocs=2, join=True)
+        result = dict(out)
+    expected = torch.cat([torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)])
+    upstream = torch.arange(12.0).view(4, 3)
+    for rank in (0, 1):
+        gathered, grad = result[rank]
+        torch.testing.assert_close(gathered, expected)
+        torch.testing.assert_close(grad, 2 * upstream[2 * rank:2 * rank + 2])  # both ranks' losses reach it
 
 
 @pytest.mark.slow
