@@ -348,8 +348,8 @@ def _draws(n_items, n_resamples, seed):
 @pytest.mark.parametrize("metric", ["auroc", "auprc", "f1", "precision", "recall", "accuracy"])
 def test_bootstrap_ci_equals_explicit_resampling_with_rare_labels_and_ties(metric):
     labels, scores, _ = _rare_tied()
-    explicit = _explicit_macros(labels, scores, _draws(40, 300, seed=4), metric)
-    low, high = bootstrap_ci(labels, scores, "ctclip", n=300, ci=0.95, seed=4, metrics=[metric])[metric]
+    explicit = _explicit_macros(labels, scores, _draws(40, 150, seed=4), metric)
+    low, high = bootstrap_ci(labels, scores, "ctclip", n=150, ci=0.95, seed=4, metrics=[metric])[metric]
     assert (low, high) == pytest.approx(tuple(np.nanpercentile(explicit, [2.5, 97.5])), abs=1e-12)
 
 
@@ -359,13 +359,13 @@ def test_resample_that_draws_one_class_is_left_out_not_scored_zero():
     labels[[3, 17], 0] = 1
     scores = np.linspace(0.05, 0.7, 30)[:, None]
     scores[[3, 17], 0] = [0.9, 0.45]
-    draws = _draws(30, 500, seed=0)
+    draws = _draws(30, 300, seed=0)
     no_positive = np.array([labels[idx, 0].sum() == 0 for idx in draws])
     assert no_positive.sum() > 25  # the case really occurs, in more than 2.5 % of the resamples
     for metric in ("recall", "precision", "f1", "accuracy", "auroc", "auprc"):
         reference = _explicit_macros(labels, scores, draws, metric)
         assert np.isnan(reference[no_positive]).all() and not np.isnan(reference[~no_positive]).any()
-        low, high = bootstrap_ci(labels, scores, "ctclip", n=500, seed=0, metrics=[metric])[metric]
+        low, high = bootstrap_ci(labels, scores, "ctclip", n=300, seed=0, metrics=[metric])[metric]
         assert (low, high) == pytest.approx(tuple(np.nanpercentile(reference, [2.5, 97.5])), abs=1e-12), metric
         if metric == "recall":  # scoring those resamples 0 would drag the lower bound down to 0
             assert np.percentile(np.nan_to_num(reference, nan=0.0), 2.5) == 0.0 < low
@@ -374,7 +374,7 @@ def test_resample_that_draws_one_class_is_left_out_not_scored_zero():
 @pytest.mark.parametrize("metric", ["auroc", "auprc", "f1", "recall"])
 def test_paired_bootstrap_equals_explicit_paired_resampling(metric):
     labels, a, b = _rare_tied()
-    n = 400
+    n = 200
     draws = _draws(40, n, seed=2)
     deltas = _explicit_macros(labels, a, draws, metric) - _explicit_macros(labels, b, draws, metric)
     deltas = deltas[~np.isnan(deltas)]
