@@ -410,3 +410,38 @@ def test_delong_p_value_is_the_two_sided_normal_tail_with_ties_and_a_rare_class(
     assert out["auc_b"] == pytest.approx(roc_auc_score(y, b[:, 1]))
     assert out["p_value"] == pytest.approx(2 * stats.norm.sf(abs(out["z"])))
     assert out["p_value"] == pytest.approx(stats.norm.sf(abs(out["z"])) + stats.norm.cdf(-abs(out["z"])))
+
+
+# --------------------------------------------------------------------------- edges of the tests and retrieval
+
+
+def test_delong_edges():
+    y = np.array([1, 1, 0, 0, 0])
+    a, b = np.array([0.9, 0.4, 0.5, 0.1, 0.2]), np.array([0.3, 0.8, 0.2, 0.6, 0.1])
+    out = delong_test(y, a, b)  # exactly two positives is enough
+    assert out["delta"] == pytest.approx(out["auc_a"] - out["auc_b"])
+    assert delong_test(1 - y[:4], a[:4], b[:4])["auc_a"] == pytest.approx(roc_auc_score(1 - y[:4], a[:4]))
+    same = delong_test(y, a, a)
+    assert (same["z"], same["p_value"], same["delta"]) == (0.0, 1.0, 0.0)
+    # zero variance but a real difference: a separates perfectly, b ties everything (AUC ½)
+    perfect = delong_test(y, np.array([0.9, 0.8, 0.1, 0.2, 0.3]), np.full(5, 0.5))
+    assert (perfect["delta"], perfect["z"], perfect["p_value"]) == (0.5, 0.0, 0.0)
+    with pytest.raises(ValueError, match="DeLong's test needs at least two positive and two negative volumes"):
+        delong_test(np.array([1, 0, 0, 0, 0]), a, b)
+    with pytest.raises(ValueError, match="DeLong's test needs at least two positive"):
+        delong_test(np.array([1, 1, 1, 1, 0]), a, b)
+    with pytest.raises(ValueError, match=r"labels \(5,\), scores_a \(4,\) and scores_b \(5,\) must have the same"):
+        delong_test(y, a[:4], b)
+
+
+def test_retrieval_k_equal_to_n_is_not_clipped_and_bad_k_is_explained(caplog):
+    rng = np.random.default_rng(2)
+    emb = rng.normal(size=(6, 4))
+    with caplog.at_level(logging.WARNING, logger="core.metrics"):
+        assert retrieval_recall(emb, emb, ks=(6,))["retrieval_v2t_r6"] == 1.0
+    assert "clipped" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="core.metrics"):
+        retrieval_recall(emb, emb, ks=(1, 7))
+    assert "k=[7] larger than the 6 pairs; clipped to 6" in caplog.text
+    with pytest.raises(ValueError, match="retrieval k must be >= 1, got 0"):
+        retrieval_recall(emb, emb, ks=(0,))
