@@ -445,3 +445,15 @@ def test_retrieval_k_equal_to_n_is_not_clipped_and_bad_k_is_explained(caplog):
     assert "k=[7] larger than the 6 pairs; clipped to 6" in caplog.text
     with pytest.raises(ValueError, match="retrieval k must be >= 1, got 0"):
         retrieval_recall(emb, emb, ks=(0,))
+
+
+def test_bootstrap_argument_edges_and_defaults():
+    labels, scores = _data(n=30, k=2, seed=3)
+    one = bootstrap_ci(labels, scores, n=1, metrics=["auroc"])["auroc"]  # a single resample is allowed
+    assert one[0] == pytest.approx(one[1])
+    for ci in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="0 < ci < 1"):
+            bootstrap_ci(labels, scores, ci=ci)
+    # documented defaults: 1000 resamples from seed 0, 95 %
+    assert bootstrap_ci(labels, scores, metrics=["auroc"]) == bootstrap_ci(labels, scores, n=1000, seed=0, ci=0.95,
+                                                                           metrics=["auroc"])
