@@ -71,6 +71,8 @@ def _gather_worker(rank: int, port: int, out: dict) -> None:
 def test_gather_concatenates_every_rank_in_order_with_gradients():
     """gather_features on 2 gloo ranks: (4, 3) = rank 0's rows then rank 1's, on both ranks; each rank's
     gradient is the sum over ranks of the upstream gradient at its own rows."""
+    alone = torch.ones(2, 3)
+    assert gather_features(alone) is alone  # no process group: the features themselves
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_gather_worker, args=(_free_port(), out), nprocs=2, join=True)
