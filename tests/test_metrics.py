@@ -454,6 +454,7 @@ def test_bootstrap_argument_edges_and_defaults():
     for ci in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="0 < ci < 1"):
             bootstrap_ci(labels, scores, ci=ci)
+    assert set(bootstrap_ci(labels, scores, n=5, metrics=["auroc", "recall"])) == {"auroc", "recall"}
     # documented defaults: 1000 resamples from seed 0, 95 %
     assert bootstrap_ci(labels, scores, metrics=["auroc"]) == bootstrap_ci(labels, scores, n=1000, seed=0, ci=0.95,
                                                                            metrics=["auroc"])
