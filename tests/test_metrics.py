@@ -353,21 +353,23 @@ def test_bootstrap_ci_equals_explicit_resampling_with_rare_labels_and_ties(metri
     assert (low, high) == pytest.approx(tuple(np.nanpercentile(explicit, [2.5, 97.5])), abs=1e-12)
 
 
-def test_resample_that_draws_one_class_is_left_out_not_scored_zero():
-    """A label with 2 positives in 30 volumes: ~13 % of resamples draw none; they are NaN, not recall 0."""
-    labels = np.zeros((30, 1))
-    labels[[3, 17], 0] = 1
+@pytest.mark.parametrize("rare", [1, 0])
+def test_resample_that_draws_one_class_is_left_out_not_scored_zero(rare):
+    """A label with 2 positives (or 2 negatives) in 30 volumes: ~13 % of resamples draw none of that class;
+    they are NaN, not recall 0 (or AUPRC 1)."""
+    labels = np.full((30, 1), 1.0 - rare)
+    labels[[3, 17], 0] = rare
     scores = np.linspace(0.05, 0.7, 30)[:, None]
     scores[[3, 17], 0] = [0.9, 0.45]
     draws = _draws(30, 300, seed=0)
-    no_positive = np.array([labels[idx, 0].sum() == 0 for idx in draws])
+    no_positive = np.array([(labels[idx, 0] == rare).sum() == 0 for idx in draws])
     assert no_positive.sum() > 25  # the case really occurs, in more than 2.5 % of the resamples
     for metric in ("recall", "precision", "f1", "accuracy", "auroc", "auprc"):
         reference = _explicit_macros(labels, scores, draws, metric)
         assert np.isnan(reference[no_positive]).all() and not np.isnan(reference[~no_positive]).any()
         low, high = bootstrap_ci(labels, scores, "ctclip", n=300, seed=0, metrics=[metric])[metric]
         assert (low, high) == pytest.approx(tuple(np.nanpercentile(reference, [2.5, 97.5])), abs=1e-12), metric
-        if metric == "recall":  # scoring those resamples 0 would drag the lower bound down to 0
+        if metric == "recall" and rare:  # scoring those resamples 0 would drag the lower bound down to 0
             assert np.percentile(np.nan_to_num(reference, nan=0.0), 2.5) == 0.0 < low
 
 
