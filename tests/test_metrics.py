@@ -460,3 +460,9 @@ def test_bootstrap_argument_edges_and_defaults():
     # documented defaults: 1000 resamples from seed 0, 95 %
     assert bootstrap_ci(labels, scores, metrics=["auroc"]) == bootstrap_ci(labels, scores, n=1000, seed=0, ci=0.95,
                                                                            metrics=["auroc"])
+
+
+def test_paired_bootstrap_documented_defaults():
+    labels, a, b = _rare_tied()
+    assert paired_bootstrap(labels, a, b) == paired_bootstrap(labels, a, b, metric="auroc", n=1000, seed=0, ci=0.95,
+                                                              protocol="ctclip")
