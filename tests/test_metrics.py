@@ -466,3 +466,28 @@ def test_paired_bootstrap_documented_defaults():
     labels, a, b = _rare_tied()
     assert paired_bootstrap(labels, a, b) == paired_bootstrap(labels, a, b, metric="auroc", n=1000, seed=0, ci=0.95,
                                                               protocol="ctclip")
+
+
+def test_threshold_metrics_with_nothing_predicted_positive_score_precision_zero():
+    labels, scores = _data(n=40, k=2, seed=6)
+    pred = np.zeros_like(labels, dtype=bool)  # a threshold above every score
+    indices = bootstrap_indices(40, 10, seed=0)
+    out = threshold_metrics(labels, pred, resample_counts(indices, 40))
+    for b, idx in enumerate(indices):
+        for k in range(2):
+            assert out["precision"][b, k] == precision_score(labels[idx, k], pred[idx, k], zero_division=0) == 0.0
+            assert out["f1"][b, k] == pytest.approx(f1_score(labels[idx, k], pred[idx, k], average="weighted",
+                                                             zero_division=0))
+
+
+def test_paired_bootstrap_uses_its_protocol_for_the_point_estimate():
+    labels, a, b = _rare_tied()
+    out = paired_bootstrap(labels, a, b, "f1", n=50, protocol="fixed0.5")
+
+    def f1_delta(protocol):
+        f1 = [classification_metrics(labels, s, protocol)[1]["f1"] for s in (a, b)]
+        return f1[0] - f1[1]
+
+    delta = f1_delta("fixed0.5")
+    assert delta != pytest.approx(f1_delta("ctclip"))
+    assert out["delta"] == pytest.approx(delta)
