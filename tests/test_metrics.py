@@ -491,3 +491,11 @@ def test_paired_bootstrap_uses_its_protocol_for_the_point_estimate():
     delta = f1_delta("fixed0.5")
     assert delta != pytest.approx(f1_delta("ctclip"))
     assert out["delta"] == pytest.approx(delta)
+
+
+def test_fixed_threshold_above_every_score_gives_precision_zero():
+    labels = np.array([0, 1, 0, 1, 0, 0])
+    scores = np.array([0.1, 0.4, 0.2, 0.3, 0.45, 0.05])  # nothing above 0.5: nothing predicted positive
+    row = classification_metrics(labels, scores, "fixed0.5")[0].iloc[0]
+    assert (row["precision"], row["recall"]) == (0.0, 0.0)
+    assert row["f1"] == pytest.approx(f1_score(labels, np.zeros(6), average="weighted", zero_division=0))
