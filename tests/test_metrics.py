@@ -20,6 +20,7 @@ from core.metrics import (
     classification_metrics,
     delong_test,
     paired_bootstrap,
+    percentile_intervals,
     ranking_metrics,
     resample_counts,
     retrieval_recall,
@@ -499,3 +500,34 @@ def test_fixed_threshold_above_every_score_gives_precision_zero():
     row = classification_metrics(labels, scores, "fixed0.5")[0].iloc[0]
     assert (row["precision"], row["recall"]) == (0.0, 0.0)
     assert row["f1"] == pytest.approx(f1_score(labels, np.zeros(6), average="weighted", zero_division=0))
+
+
+def test_labels_with_one_positive_are_evaluated_and_all_positive_ones_are_not():
+    labels = np.array([[1, 1], [0, 1], [0, 1], [0, 1]], dtype=float)
+    scores = np.array([[0.9, 0.2], [0.1, 0.4], [0.3, 0.6], [0.2, 0.8]])
+    per_label, macro = classification_metrics(labels, scores, "ctclip")
+    assert per_label.loc[0, "auroc"] == 1.0 and np.isnan(per_label.loc[1, "auroc"])
+    assert macro["auroc"] == 1.0
+
+
+def test_scores_on_a_threshold_are_predicted_negative():
+    # score > t: at t = 0 the negative scored 0.0 is not predicted positive, so 0 ≤ t < 1 all reach the corner;
+    # CT-CLIP keeps the last of them, 98/99 (with ≥, t = 1 would also reach it and win)
+    assert choose_threshold("ctclip", np.array([0, 1]), np.array([0.0, 1.0])) == pytest.approx(98 / 99)
+    labels, scores, _ = _rare_tied()
+    scores[::3] = 0.5  # many scores exactly on the fixed threshold
+    draws = _draws(40, 100, seed=1)
+    for metric in ("recall", "precision"):
+        reference = []
+        for idx in draws:
+            values = [_label_metric(metric, labels[idx, k], scores[idx, k], (scores[idx, k] > 0.5).astype(int))
+                      if labels[idx, k].min() < labels[idx, k].max() else np.nan for k in range(3)]
+            reference.append(np.nan if np.isnan(values).all() else np.nanmean(values))
+        low, high = bootstrap_ci(labels, scores, "fixed0.5", n=100, seed=1, metrics=[metric])[metric]
+        assert (low, high) == pytest.approx(tuple(np.nanpercentile(reference, [2.5, 97.5])), abs=1e-12)
+
+
+def test_interval_of_all_nan_resamples_is_nan():
+    out = percentile_intervals({"recall": np.full(5, np.nan), "auroc": np.array([0.5, 0.7, np.nan])}, 0.9)
+    assert np.isnan(out["recall"][0]) and np.isnan(out["recall"][1]) and len(out["recall"]) == 2
+    assert out["auroc"] == pytest.approx(tuple(np.nanpercentile([0.5, 0.7], [5, 95])))
