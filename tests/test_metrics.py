@@ -531,3 +531,11 @@ def test_interval_of_all_nan_resamples_is_nan():
     out = percentile_intervals({"recall": np.full(5, np.nan), "auroc": np.array([0.5, 0.7, np.nan])}, 0.9)
     assert np.isnan(out["recall"][0]) and np.isnan(out["recall"][1]) and len(out["recall"]) == 2
     assert out["auroc"] == pytest.approx(tuple(np.nanpercentile([0.5, 0.7], [5, 95])))
+
+
+def test_empty_input_is_explained_and_default_draws_are_seed_zero():
+    with pytest.raises(ValueError, match="no volumes to evaluate: labels and scores are empty"):
+        classification_metrics(np.zeros((0, 2)), np.zeros((0, 2)))
+    one = classification_metrics(np.array([[1.0, 0.0]]), np.array([[0.3, 0.4]]))[0]  # one volume: NaN, no error
+    assert one[["auroc", "f1"]].isna().all().all()
+    np.testing.assert_array_equal(bootstrap_indices(5, 3), bootstrap_indices(5, 3, seed=0))
