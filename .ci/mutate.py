@@ -42,7 +42,9 @@ MODULES: dict[str, list[str]] = {
     "core/layers/block.py": ["tests/test_layers.py", "tests/test_axes.py"],
     "core/data/preprocess.py": ["tests/test_data_preprocess.py"],
 }
-KILLED = ("killed", "timeout", "segfault", "caught by type check")
+# "killed by a later test": a survivor of the recorded run that a test added afterwards kills, checked by
+# running that test with the mutant switched on (MUTANT_UNDER_TEST) instead of a whole new run.
+KILLED = ("killed", "timeout", "segfault", "caught by type check", "killed by a later test")
 MUTMUT = [sys.executable, "-m", "mutmut"]
 
 
@@ -129,7 +131,9 @@ def write_report(results: dict[str, dict]) -> None:
     lines = ["# Mutation testing", "",
              "`make mutate` (mutmut) mutates each module below against the fast tests named beside it. "
              "Score = killed (incl. timeouts) / mutants checked; a run stopped by its time budget "
-             "(`--minutes`) leaves the rest `not checked`. Every survivor is listed with why it cannot change "
+             "(`--minutes`) leaves the rest `not checked`; `killed by a later test` counts survivors of the "
+             "recorded run that a test added afterwards kills (run with the mutant switched on). "
+             "Every survivor is listed with why it cannot change "
              "a result (an equivalent mutant) or, when it could, is killed by a test and no longer listed.", "",
              "| module | tests | mutants | checked | killed | survived | other | score |",
              "|---|---|---|---|---|---|---|---|"]
