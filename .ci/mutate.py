@@ -132,7 +132,8 @@ def write_report(results: dict[str, dict]) -> None:
              "`make mutate` (mutmut) mutates each module below against the fast tests named beside it. "
              "Score = killed (incl. timeouts) / mutants checked; a run stopped by its time budget "
              "(`--minutes`) leaves the rest `not checked`; `killed by a later test` counts survivors of the "
-             "recorded run that a test added afterwards kills (run with the mutant switched on). "
+             "recorded run that a test added afterwards kills (run with the mutant switched on); "
+             "`--survivors` reruns only last time's survivors through mutmut. "
              "Every survivor is listed with why it cannot change "
              "a result (an equivalent mutant) or, when it could, is killed by a test and no longer listed.", "",
              "| module | tests | mutants | checked | killed | survived | other | score |",
