@@ -1,5 +1,7 @@
 """The scientific bar: on synthetic CT-RATE the untrained model is at chance and a short CPU run beats it clearly."""
 
+from pathlib import Path
+
 import pytest
 
 from core.cli import main
@@ -7,6 +9,7 @@ from core.config import load_config
 from core.train import train
 
 pytestmark = pytest.mark.slow
+PRESET = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "synthetic-tiny.yaml"
 
 
 def test_short_run_beats_chance_clearly(tmp_path):
@@ -15,11 +18,9 @@ def test_short_run_beats_chance_clearly(tmp_path):
     overrides = [f"data.root={tmp_path / 'root'}", f"data.cache_dir={tmp_path / 'cache'}",
                  f"train.output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                  "eval.bootstrap=1000"]
-    untrained = train(load_config("experiments/configs/synthetic-tiny.yaml", [*overrides, "train.lr=1e-12",
-                                                                              "train.max_steps=1"]), progress=False)
+    untrained = train(load_config(PRESET, [*overrides, "train.lr=1e-12", "train.max_steps=1"]), progress=False)
     assert 0.4 < untrained.metrics["zeroshot_auroc"] < 0.6
-    result = train(load_config("experiments/configs/synthetic-tiny.yaml", [*overrides, "train.epochs=3"]),
-                   progress=False)
+    result = train(load_config(PRESET, [*overrides, "train.epochs=3"]), progress=False)
     auroc = result.metrics["zeroshot_auroc"]
     assert result.metrics["zeroshot_auroc_ci_low"] > 0.5  # the 95 % bootstrap interval excludes chance
     assert auroc > untrained.metrics["zeroshot_auroc"] + 0.05

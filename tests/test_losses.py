@@ -69,3 +69,23 @@ def test_clip_rejects_a_bias():
 def test_unknown_loss_names_closest():
     with pytest.raises(ConfigError, match="did you mean 'siglip'"):
         create_loss("sigclip")
+
+
+def test_siglip_takes_its_configured_scale_and_bias():
+    x, y = _embeddings()
+    loss = create_loss("siglip", logit_scale_init=1.0, logit_bias_init=-3.0)
+    assert loss.scale().item() == pytest.approx(math.e) and loss.logit_bias.item() == pytest.approx(-3.0)
+    total = sum(-math.log(1 / (1 + math.exp(-(1.0 if i == j else -1.0) * (math.e * float(x[i] @ y[j]) - 3.0))))
+                for i in range(len(x)) for j in range(len(y)))
+    assert loss(x, y).item() == pytest.approx(total / len(x), rel=1e-5)
+
+
+def test_state_metrics_log_the_temperature_and_bias():
+    assert create_loss("clip").state_metrics() == pytest.approx({"logit_scale": 1 / 0.07})
+    assert create_loss("siglip", logit_bias_init=-4.0).state_metrics() == pytest.approx(
+        {"logit_scale": 10.0, "logit_bias": -4.0})
+
+
+def test_bias_error_names_the_loss():
+    with pytest.raises(ConfigError, match="loss 'ClipLoss' has no bias"):
+        create_loss("clip", logit_bias_init=-5.0)

@@ -1,9 +1,12 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
 from core.registry import ConfigError
 from experiments.matrix import cell_label, load_matrix
 
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 BASE = {"model": {"preset": "tiny", "text_encoder": "tiny-random"}, "data": {"target_shape": [16, 32, 32]}}
 
 
@@ -14,11 +17,11 @@ def _write(tmp_path, data):
 
 
 def test_smoke_matrix_has_the_papers_sixteen_cells():
-    matrix = load_matrix("experiments/smoke.yaml")
+    matrix = load_matrix(EXPERIMENTS / "smoke.yaml")
     assert len(matrix.cells) == 16 and len(matrix.runnable) == 16
     assert len({c.cell_id for c in matrix.cells}) == 16
-    assert matrix.baseline_cell().label == "SA+GELU+LN, softmax"
-    assert {c.label for c in matrix.cells} >= {"SDPA+SwiGLU+RMSNorm, sigmoid", "SA+GELU+LN, sigmoid"}
+    assert matrix.baseline_cell().label == "SA+GEGLU+LN, softmax"
+    assert {c.label for c in matrix.cells} >= {"SDPA+SwiGLU+RMSNorm, sigmoid", "SA+GEGLU+LN, sigmoid"}
 
 
 def test_excludes_includes_and_repeats(tmp_path):
@@ -57,14 +60,14 @@ def test_bad_matrix_fails_before_anything_runs(tmp_path, data, message):
 
 
 def test_labels_name_components_like_the_paper():
-    matrix = load_matrix("experiments/paper.yaml")
+    matrix = load_matrix(EXPERIMENTS / "paper.yaml")
     assert [c.label for c in matrix.cells] == ["SA+GEGLU+LN, softmax", "SA+GEGLU+LN, sigmoid",
                                                "FA+SwiGLU+RMSNorm, sigmoid"]
     assert cell_label(matrix.cells[0].config) == matrix.cells[0].label
 
 
 def test_encoder_matrix_skips_axes_an_encoder_lacks():
-    matrix = load_matrix("experiments/encoders.yaml")
+    matrix = load_matrix(EXPERIMENTS / "encoders.yaml")
     assert len(matrix.runnable) == 8
     [skipped] = [c for c in matrix.cells if not c.runnable]
     assert skipped.config.model.encoder == "convnext3d"

@@ -86,24 +86,58 @@ def test_killed_matrix_resumes_and_finishes_each_cell_once(synthetic, stores, tm
     killed = next(c for c, p in zip(cells, checkpoints, strict=True) if p.exists())
     from core.checkpoint import load_checkpoint
 
-    killed_step = load_checkpoint(out / killed.cell_id / "checkpoints" / "last.pt")["position"]["step"]
-    assert 0 < killed_step < 30
+    saved = load_checkpoint(out / killed.cell_id / "checkpoints" / "last.pt")
+    killed_step, killed_run = saved["position"]["step"], saved["run_id"]
+    assert 0 < killed_step < 30 and killed_run
 
+    rerun_ms = int(time.time() * 1000)
     rerun = subprocess.run(_command(path, stores), cwd=tmp_path, env=_env(), capture_output=True, text=True,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     runs = _cell_runs(stores)
     finished = Counter(r.data.tags["cell_id"] for r in runs if r.info.status == "FINISHED")
     assert finished == {c.cell_id: 1 for c in cells}
+    # resume is resume: the killed cell has one run, the one its checkpoint recorded, continued after the checkpoint
+    killed_runs = [r for r in runs if r.data.tags["cell_id"] == killed.cell_id]
+    assert [r.info.run_id for r in killed_runs] == [killed_run], "the killed cell was restarted in a new run"
+    resumed = killed_runs[0]
+    assert resumed.info.run_id == killed_run and resumed.info.status == "FINISHED"
     client = MlflowClient(stores[0])
-    resumed = next(r for r in runs if r.data.tags["cell_id"] == killed.cell_id and r.info.status == "FINISHED")
-    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "train_loss")]
-    assert max(steps) == 30 and killed_step in steps and set(range(1, 31)) <= set(steps)
+    history = client.get_metric_history(resumed.info.run_id, "train_loss")
+    after = sorted(m.step for m in history if m.timestamp >= rerun_ms)
+    assert after[0] == killed_step + 1, f"the rerun logged steps {after} after a checkpoint at step {killed_step}"
+    assert after == list(range(killed_step + 1, 31))  # every remaining step once, nothing repeated
+    steps = [m.step for m in history]
+    assert max(steps) == 30 and set(range(1, 31)) <= set(steps)
     for run in runs:
         if run.info.status == "FINISHED":
             history = client.get_metric_history(run.info.run_id, "zeroshot_auroc")
             assert len(history) == 1  # one evaluation, nothing duplicated
             assert run.data.params["model.attention"] in {"standard", "sdpa"}
+
+
+def _logged(client: MlflowClient, runs: list) -> dict[str, int]:
+    """How many values each cell run has logged, over all its metrics."""
+    return {r.info.run_id: sum(len(client.get_metric_history(r.info.run_id, key)) for key in r.data.metrics)
+            for r in runs}
+
+
+def test_rerunning_a_finished_matrix_trains_nothing(synthetic, tmp_path):
+    stores = (f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db")
+    out = tmp_path / "runs"
+    path = _matrix(tmp_path, _base(synthetic, out, steps=2), axes={"model.mlp": ["gelu", "swiglu"]})
+    assert main(_command(path, stores)[3:]) == 0
+    client = MlflowClient(stores[0])
+    first = _cell_runs(stores)
+    assert len(first) == 2 and all(r.info.status == "FINISHED" for r in first)
+    before, checkpoints = _logged(client, first), {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    assert all(before.values()) and checkpoints
+
+    assert main(_command(path, stores)[3:]) == 0
+    again = _cell_runs(stores)
+    assert {r.info.run_id for r in again} == {r.info.run_id for r in first}  # no new run
+    assert _logged(client, again) == before  # no step, no evaluation logged
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == checkpoints  # no checkpoint rewritten
 
 
 def test_two_workers_share_the_cells(synthetic, stores, tmp_path):

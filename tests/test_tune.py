@@ -1,5 +1,6 @@
 """`ctlab tune`: TPE trials as MLflow child runs, pruning fed by per-epoch AUROC, best config written out."""
 
+import optuna
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -14,8 +15,9 @@ pytestmark = pytest.mark.slow
 
 def _tune_file(tmp_path, synthetic_root, **extra):
     data = {
-        "name": "t", "n_trials": 3, "metric": "zeroshot_auroc",
-        "pruner": {"type": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        "name": "t", "n_trials": 4, "metric": "zeroshot_auroc",
+        # keep only a trial at least as good as the best before it at the same epoch: the rest are pruned
+        "pruner": {"type": "percentile", "percentile": 1.0, "n_startup_trials": 1, "n_warmup_steps": 0},
         "base": {
             "model": {"preset": "tiny", "text_encoder": "tiny-random", "latent_dim": 32,
                       "encoder_args": {"dim": 32, "patch": 8, "temporal_patch": 4, "heads": 2, "dim_head": 16}},
@@ -46,10 +48,20 @@ def test_tune_runs_trials_and_writes_the_best_config(tmp_path):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parents = [r for r in runs if r.data.tags.get("ctlab.kind") == "tune"]
     trials = [r for r in runs if r.data.tags.get("tune") == "t" and r.data.tags.get("ctlab.kind") == "train"]
-    assert len(parents) == 1 and len(trials) == 3
+    assert len(parents) == 1 and len(trials) == 4
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
-    assert all(r.info.status in ("FINISHED", "KILLED") for r in trials)  # KILLED = pruned
-    assert len({r.data.params["train.lr"] for r in trials}) == 3  # every trial tried its own learning rate
+    study = optuna.load_study(study_name="tune/t", storage=f"sqlite:///{tmp_path}/optuna.db")
+    pruned = {t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED}
+    complete = {t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert pruned and complete and pruned | complete == {0, 1, 2, 3}, f"pruned {pruned}, complete {complete}"
+    for run in trials:
+        epochs = client.get_metric_history(run.info.run_id, "zeroshot_auroc")
+        if int(run.data.tags["trial"]) in pruned:  # stopped after its first evaluation, with the reason
+            assert run.info.status == "KILLED" and "pruned at epoch 1" in run.data.tags["stop_reason"]
+            assert [m.step for m in epochs] == [1]
+        else:
+            assert run.info.status == "FINISHED" and [m.step for m in epochs] == [1, 2]
+    assert len({r.data.params["train.lr"] for r in trials}) == 4  # every trial tried its own learning rate
     assert any(float(r.data.params["train.lr"]) == pytest.approx(best.train.lr) for r in trials)
 
 
