@@ -12,6 +12,11 @@ module is that configuration's arithmetic, step for step:
 - codebook update in training (no gradient): EMA with decay 0.8 of the
   l2-normalised mean of the normalised tokens each code won, rows that won
   nothing stay; no dead-code replacement, no k-means init;
+- under DDP the EMA statistics (how many tokens each code won, their sum)
+  are summed over ranks before the update, as the package's
+  ``sync_codebook=True`` does, so every rank applies the update the global
+  batch gives and a run on N ranks equals one process on the same global
+  batch (CT-CLIP's own DDP runs leave it off and keep rank 0's update);
 - aux loss: the commitment loss mse(q.detach(), x) × 1.0 in training, 0 in
   eval. CT-CLIP's contrastive training never adds it to its loss (it asks
   the encoder for the quantised tokens only); ``CTViT`` does the same.
@@ -28,6 +33,7 @@ vector-quantize-pytorch 1.1.2 itself.
 from __future__ import annotations
 
 import torch
+from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
@@ -61,9 +67,12 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, embed: torch.Tensor) -> None:
-        """Move each winning row toward the normalised mean of its tokens (decay ``self.decay``)."""
+        """Move each winning row toward the normalised mean of its tokens on every rank (decay ``self.decay``)."""
         bins = flat.new_zeros(self.codebook_size).index_add_(0, indices, flat.new_ones(indices.shape))
         sums = torch.zeros_like(embed).index_add_(0, indices, flat)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bins)
+            dist.all_reduce(sums)
         means = F.normalize(sums / bins.clamp(min=1.0)[:, None], dim=-1)
         target = torch.where((bins == 0)[:, None], embed, means)
         self.embed.lerp_(target.to(self.embed.dtype), 1 - self.decay)
