@@ -29,7 +29,7 @@ def _matrix(tmp_path: Path) -> Path:
         "train": {"max_steps": 2, "epochs": 100, "batch_size": 4, "lr": 1e-4, "warmup_steps": 1,
                   "output_dir": str(tmp_path / "runs")},
         "eval": {"bootstrap": 0, "batch_size": 8, "every_epoch": False},
-        "tracking": {"system_metrics_interval_s": 1},
+        "tracking": {"system_metrics_interval_s": 0.1},  # each cell runs for about a second
     }
     path = tmp_path / "uitest.yaml"
     path.write_text(yaml.safe_dump({"name": "uitest", "base": base, "axes": {"model.loss": ["clip", "siglip"]}}))
