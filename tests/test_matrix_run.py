@@ -16,21 +16,10 @@ from mlflow import MlflowClient
 from core.cli import main
 from core.tracking import find_runs
 from experiments.matrix import load_matrix
+from tests.run_fixtures import tiny_run
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _base(data_dir: Path, out: Path, steps: int, checkpoint_every: int = 0) -> dict:
-    return {
-        "model": {"encoder": "ctvit", "preset": "tiny", "text_encoder": "tiny-random", "latent_dim": 32,
-                  "encoder_args": {"dim": 32, "patch": 8, "temporal_patch": 4, "heads": 2, "dim_head": 16}},
-        "data": {"root": str(data_dir / "root"), "cache_dir": str(data_dir / "cache"), "target_shape": [16, 32, 32],
-                 "target_spacing": [15.0, 9.0, 9.0], "num_workers": 0},
-        "train": {"max_steps": steps, "epochs": 100, "batch_size": 4, "lr": 1e-4, "warmup_steps": 1,
-                  "output_dir": str(out), "checkpoint_every": checkpoint_every},
-        "eval": {"bootstrap": 0, "batch_size": 8, "every_epoch": False},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +60,7 @@ def _env() -> dict:
 
 def test_killed_matrix_resumes_and_finishes_each_cell_once(synthetic, stores, tmp_path):
     out = tmp_path / "runs"
-    path = _matrix(tmp_path, _base(synthetic, out, steps=30, checkpoint_every=2),
+    path = _matrix(tmp_path, tiny_run(synthetic, out, steps=30, checkpoint_every=2),
                    axes={"model.attention": ["standard", "sdpa"]})
     cells = load_matrix(path).runnable
     proc = subprocess.Popen(_command(path, stores), cwd=tmp_path, env=_env(), start_new_session=True,
@@ -125,7 +114,7 @@ def _logged(client: MlflowClient, runs: list) -> dict[str, int]:
 def test_rerunning_a_finished_matrix_trains_nothing(synthetic, tmp_path):
     stores = (f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db")
     out = tmp_path / "runs"
-    path = _matrix(tmp_path, _base(synthetic, out, steps=2), axes={"model.mlp": ["gelu", "swiglu"]})
+    path = _matrix(tmp_path, tiny_run(synthetic, out, steps=2), axes={"model.mlp": ["gelu", "swiglu"]})
     assert main(_command(path, stores)[3:]) == 0
     client = MlflowClient(stores[0])
     first = _cell_runs(stores)
@@ -141,7 +130,7 @@ def test_rerunning_a_finished_matrix_trains_nothing(synthetic, tmp_path):
 
 
 def test_two_workers_share_the_cells(synthetic, stores, tmp_path):
-    path = _matrix(tmp_path, _base(synthetic, tmp_path / "runs", steps=3),
+    path = _matrix(tmp_path, tiny_run(synthetic, tmp_path / "runs", steps=3),
                    axes={"model.norm": ["layernorm", "rmsnorm"], "model.loss": ["clip", "siglip"]})
     result = subprocess.run(_command(path, stores, "--workers", "2"), cwd=tmp_path, env=_env(), capture_output=True,
                             text=True, timeout=900)
@@ -161,7 +150,7 @@ def test_nan_cell_and_corrupt_volume_are_recorded_and_the_rest_finish(synthetic,
     subprocess.run(["cp", "-r", str(synthetic / "root"), str(corrupt_root)], check=True)
     victim = sorted((corrupt_root / "train").rglob("*.nii.gz"))[0]
     victim.write_bytes(victim.read_bytes()[:200])
-    path = _matrix(tmp_path, _base(synthetic, tmp_path / "runs", steps=3), include=[
+    path = _matrix(tmp_path, tiny_run(synthetic, tmp_path / "runs", steps=3), include=[
         {"model.attention": "sdpa"},
         {"model.attention": "standard"},
         {"model.attention": "sdpa", "model.logit_scale_init": float("nan")},
@@ -182,7 +171,7 @@ def test_nan_cell_and_corrupt_volume_are_recorded_and_the_rest_finish(synthetic,
 
 def test_bad_matrix_fails_before_any_run(synthetic, tmp_path, capsys):
     stores = (f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db")
-    path = _matrix(tmp_path, _base(synthetic, tmp_path / "runs", steps=3),
+    path = _matrix(tmp_path, tiny_run(synthetic, tmp_path / "runs", steps=3),
                    axes={"model.attention": ["standard", "sdpaa"]})
     assert main(_command(path, stores)[3:]) == 2
     assert "did you mean 'sdpa'" in capsys.readouterr().err

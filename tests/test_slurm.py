@@ -30,6 +30,7 @@ from experiments.matrix import load_matrix
 from experiments.slurm import make_executor, sbatch_parameters, slurm_options, time_minutes
 from experiments.slurm_env import slurm_identity, worker_detail
 from experiments.status import status_table
+from tests.run_fixtures import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,18 +110,6 @@ def test_requeued_job_hands_back_the_cell_its_earlier_run_held(tmp_path, monkeyp
 
 
 # ------------------------------------------------------------------ the cluster
-
-
-def _base(data_dir: Path, out: Path, steps: int, checkpoint_every: int = 0) -> dict:
-    return {
-        "model": {"encoder": "ctvit", "preset": "tiny", "text_encoder": "tiny-random", "latent_dim": 32,
-                  "encoder_args": {"dim": 32, "patch": 8, "temporal_patch": 4, "heads": 2, "dim_head": 16}},
-        "data": {"root": str(data_dir / "root"), "cache_dir": str(data_dir / "cache"), "target_shape": [16, 32, 32],
-                 "target_spacing": [15.0, 9.0, 9.0], "num_workers": 0},
-        "train": {"max_steps": steps, "epochs": 100, "batch_size": 4, "lr": 1e-4, "warmup_steps": 1,
-                  "output_dir": str(out), "checkpoint_every": checkpoint_every, "log_every": 1},
-        "eval": {"bootstrap": 0, "batch_size": 8, "every_epoch": False},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +247,7 @@ def _steps(uri: str, run_id: str) -> list[int]:
 @pytest.mark.slurm
 @pytest.mark.postgres
 def test_matrix_on_slurm_finishes_each_cell_once_with_artifacts_on_the_server(cluster, server, synthetic, tmp_path):
-    base = _base(synthetic, tmp_path / "runs", steps=3)
+    base = tiny_run(synthetic, tmp_path / "runs", steps=3, log_every=1)
     path = _write(tmp_path, "slurm4", base, {"model.norm": ["layernorm", "rmsnorm"], "model.loss": ["clip", "siglip"]})
     storage = server["database"]()
     start = time.time()
@@ -301,7 +290,7 @@ def _job_of(run) -> str:
 def test_scancel_mid_cell_resumes_it_from_its_checkpoint_step_once(cluster, server, synthetic, tmp_path):
     out = tmp_path / "runs"
     steps = 60
-    path = _write(tmp_path, "slurm-cancel", _base(synthetic, out, steps=steps, checkpoint_every=50),
+    path = _write(tmp_path, "slurm-cancel", tiny_run(synthetic, out, steps=steps, checkpoint_every=50, log_every=1),
                   {"model.attention": ["standard", "sdpa"]})
     cells = load_matrix(path).runnable
     storage = server["database"]()
@@ -348,7 +337,7 @@ def test_scancel_mid_cell_resumes_it_from_its_checkpoint_step_once(cluster, serv
 def test_requeue_and_time_limit_signal_resume_cells_from_their_checkpoint(cluster, server, synthetic, tmp_path):
     out = tmp_path / "runs"
     steps = 60
-    path = _write(tmp_path, "slurm-requeue", _base(synthetic, out, steps=steps, checkpoint_every=50),
+    path = _write(tmp_path, "slurm-requeue", tiny_run(synthetic, out, steps=steps, checkpoint_every=50, log_every=1),
                   {"model.attention": ["standard", "sdpa"]})
     cells = {c.cell_id: c for c in load_matrix(path).runnable}
     storage = server["database"]()
@@ -389,7 +378,8 @@ def test_requeue_and_time_limit_signal_resume_cells_from_their_checkpoint(cluste
 @pytest.mark.slurm
 @pytest.mark.postgres
 def test_bad_cluster_setups_fail_before_submitting(cluster, server, synthetic, tmp_path, monkeypatch, capsys):
-    path = _write(tmp_path, "slurm-bad", _base(synthetic, tmp_path / "runs", steps=2), {"model.loss": ["clip"]})
+    path = _write(tmp_path, "slurm-bad", tiny_run(synthetic, tmp_path / "runs", steps=2, log_every=1),
+                  {"model.loss": ["clip"]})
     logs = tmp_path / "slurm-logs"
     queued_before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     good_storage = server["database"]()
@@ -427,7 +417,7 @@ def test_multi_gpu_worker_trains_each_cell_under_torchrun(synthetic, tmp_path, m
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    base = _base(synthetic, tmp_path / "runs", steps=1)
+    base = tiny_run(synthetic, tmp_path / "runs", steps=1, log_every=1)
     base["train"].update({"max_steps": None, "epochs": 2, "batch_size": 2})
     path = _write(tmp_path, "ddp", base, {"model.loss": ["clip"]})
     matrix = load_matrix(path)
