@@ -129,3 +129,26 @@ def test_anything_but_an_exact_fit_is_an_error_naming_the_keys(edit, overrides, 
         state = {k: v for k, v in state.items() if not k.startswith("vq.")}
     with pytest.raises(ConfigError, match=message):
         load_dcformer(state, dcformer_config("nano", *overrides))
+
+
+def test_ctlab_convert_dcformer_writes_a_checkpoint_that_computes_the_authors_features(volume, tmp_path):
+    from core.checkpoint import load_model_weights
+    from core.cli import main
+    from core.config import save_config
+    from core.model import build_model
+
+    torch.save(authors_state("nano", with_vq=False), tmp_path / "decomp.pt")
+    save_config(dcformer_config("nano"), tmp_path / "run.yaml")
+    out = tmp_path / "converted"
+    assert main(["convert", "dcformer", str(tmp_path / "decomp.pt"), str(tmp_path / "run.yaml"),
+                 "--out", str(out)]) == 0
+    model = build_model(load_config(out / "config.yaml"))
+    load_model_weights(model, out / "model.pt")  # what train.init_from and ctlab eval --checkpoint read
+    with torch.no_grad():
+        features = model.eval().image_encoder(volume)
+    torch.testing.assert_close(features, FIXTURE["variants"]["nano"]["pooled"], atol=1e-5, rtol=1e-5)
+    # a checkpoint of another variant fails strictly, naming keys, and writes nothing
+    torch.save(authors_state("naive", with_vq=False), tmp_path / "naive.pt")
+    assert main(["convert", "dcformer", str(tmp_path / "naive.pt"), str(tmp_path / "run.yaml"),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
