@@ -9,6 +9,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.services import postgres_databases  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY_OVERRIDES = [
@@ -53,26 +55,5 @@ def postgres_db():
 
     MLflow and Optuna each keep an ``alembic_version`` table, so each store needs a database of its own.
     """
-    import uuid
-
-    import psycopg
-
-    server = os.environ.get("CTLAB_TEST_POSTGRES_URI")
-    if not server:
-        if os.environ.get("CTLAB_REQUIRE_SERVICES"):
-            pytest.fail("CTLAB_REQUIRE_SERVICES is set but CTLAB_TEST_POSTGRES_URI is not: the server did not start")
-        pytest.skip("CTLAB_TEST_POSTGRES_URI is not set (bash .ci/postgres.sh starts a server and prints it)")
-    admin = server.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
-    created = []
-
-    def create() -> str:
-        name = f"ctlab_test_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        created.append(name)
-        return f"{server}/{name}"
-
-    yield create
-    with psycopg.connect(admin, autocommit=True) as conn:
-        for name in created:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with postgres_databases() as create:
+        yield create

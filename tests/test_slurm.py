@@ -11,8 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from analysis.ui_snapshot import free_port, wait_for_http
 from core.cli import main
 from core.data import PATHOLOGIES
 from core.registry import ConfigError
@@ -31,6 +30,7 @@ from experiments.slurm import make_executor, sbatch_parameters, slurm_options, t
 from experiments.slurm_env import slurm_identity, worker_detail
 from experiments.status import status_table
 from tests.run_fixtures import tiny_run
+from tests.services import postgres_databases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,51 +128,23 @@ def cluster() -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> dict:
     """An `mlflow server` on a fresh PostgreSQL database serving artifacts over HTTP, plus a database maker."""
-    import psycopg
-
-    pg = os.environ.get("CTLAB_TEST_POSTGRES_URI")
-    if not pg:
-        if os.environ.get("CTLAB_REQUIRE_SERVICES"):
-            pytest.fail("CTLAB_REQUIRE_SERVICES is set but CTLAB_TEST_POSTGRES_URI is not: the server did not start")
-        pytest.skip("CTLAB_TEST_POSTGRES_URI is not set (bash .ci/postgres.sh starts a server and prints it)")
-    admin = pg.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
-    created: list[str] = []
-
-    def database() -> str:
-        name = f"ctlab_slurm_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        created.append(name)
-        return f"{pg}/{name}"
-
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = (folder / "server.log").open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", database(),
-                             "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
+    with postgres_databases("ctlab_slurm") as database:
+        folder = tmp_path_factory.mktemp("mlflow-server")
+        port = free_port()
+        log = (folder / "server.log").open("w")
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                                 database(), "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        uri = f"http://127.0.0.1:{port}"
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=5) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
+            wait_for_http(f"{uri}/health", timeout=180)
+        except TimeoutError:
             proc.kill()
             pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield {"uri": uri, "database": database, "artifacts": folder / "artifacts"}
-    os.killpg(proc.pid, 9)  # a throw-away server: no graceful shutdown to wait for
-    proc.wait(timeout=30)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        for name in created:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        yield {"uri": uri, "database": database, "artifacts": folder / "artifacts"}
+        os.killpg(proc.pid, 9)  # a throw-away server: no graceful shutdown to wait for
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
