@@ -33,6 +33,7 @@ from tqdm import tqdm
 from core.checkpoint import TrainPosition, load_checkpoint, load_model_weights, save_checkpoint, set_rng_state
 from core.config import Config, DataConfig, config_id
 from core.distributed import DistEnv, barrier, init_distributed, shutdown
+from core.interrupts import STEP_BOUNDARY
 from core.model import CLIPModel, build_model
 from core.optim import create_optimizer, create_scheduler
 from core.text_cache import FeatureCollate, features_path, report_features
@@ -242,51 +243,53 @@ def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
             sampler.set_position(position.epoch, position.batch_in_epoch * t.batch_size)
             micro, step_start, data_wait = 0, time.perf_counter(), 0.0
             fetch_start = time.perf_counter()
-            for batch in itertools.islice(train_loader, batches_per_epoch - position.batch_in_epoch):
-                data_wait += time.perf_counter() - fetch_start
-                micro += 1
-                sync = micro % t.grad_accum == 0
-                volumes = batch["volume"].to(device, non_blocking=True)
-                text_keys = ("text_features",) if "text_features" in batch else ("input_ids", "attention_mask")
-                text = {k: batch[k].to(device, non_blocking=True) for k in text_keys}
-                with ddp.no_sync() if env.distributed and not sync else contextlib.nullcontext():
-                    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                        loss = ddp(volumes, **text)["loss"]
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"loss is {loss.item()} at step {position.step} (epoch {position.epoch + 1}); "
-                            "lower train.lr, set train.grad_clip, or use train.precision=fp32")
-                    scaler.scale(loss / t.grad_accum).backward()
-                position.batch_in_epoch += 1
-                if not sync:
-                    fetch_start = time.perf_counter()
-                    continue
-                if t.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                position.step += 1
-                losses.append(loss.item())
-                elapsed = time.perf_counter() - step_start
-                samples_per_s = t.batch_size * t.grad_accum * env.world_size / elapsed
-                if position.step % t.log_every == 0 or position.step == total_steps:
-                    tracker.log_metrics({
-                        "train_loss": loss.item(), "lr": scheduler.get_last_lr()[0], "samples_per_s": samples_per_s,
-                        "peak_memory_mb": peak_memory_mb(device), "data_wait_ms": 1000 * data_wait,
-                        "step_ms": 1000 * elapsed, **model.loss.state_metrics(),
-                    }, step=position.step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                samples_s=f"{samples_per_s:.1f}")
-                if t.checkpoint_every and position.step % t.checkpoint_every == 0:
-                    checkpoint()
-                if position.step >= total_steps:
-                    break
-                step_start = fetch_start = time.perf_counter()
-                data_wait = 0.0
+            with STEP_BOUNDARY.hold():  # a stop signal waits for the step's end; see core/interrupts.py
+                for batch in itertools.islice(train_loader, batches_per_epoch - position.batch_in_epoch):
+                    data_wait += time.perf_counter() - fetch_start
+                    micro += 1
+                    sync = micro % t.grad_accum == 0
+                    volumes = batch["volume"].to(device, non_blocking=True)
+                    text_keys = ("text_features",) if "text_features" in batch else ("input_ids", "attention_mask")
+                    text = {k: batch[k].to(device, non_blocking=True) for k in text_keys}
+                    with ddp.no_sync() if env.distributed and not sync else contextlib.nullcontext():
+                        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                            loss = ddp(volumes, **text)["loss"]
+                        if not torch.isfinite(loss):
+                            raise NonFiniteLossError(
+                                f"loss is {loss.item()} at step {position.step} (epoch {position.epoch + 1}); "
+                                "lower train.lr, set train.grad_clip, or use train.precision=fp32")
+                        scaler.scale(loss / t.grad_accum).backward()
+                    position.batch_in_epoch += 1
+                    if not sync:
+                        fetch_start = time.perf_counter()
+                        continue
+                    if t.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    position.step += 1
+                    losses.append(loss.item())
+                    elapsed = time.perf_counter() - step_start
+                    samples_per_s = t.batch_size * t.grad_accum * env.world_size / elapsed
+                    if position.step % t.log_every == 0 or position.step == total_steps:
+                        tracker.log_metrics({
+                            "train_loss": loss.item(), "lr": scheduler.get_last_lr()[0], "samples_per_s": samples_per_s,
+                            "peak_memory_mb": peak_memory_mb(device), "data_wait_ms": 1000 * data_wait,
+                            "step_ms": 1000 * elapsed, **model.loss.state_metrics(),
+                        }, step=position.step)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                    samples_s=f"{samples_per_s:.1f}")
+                    if t.checkpoint_every and position.step % t.checkpoint_every == 0:
+                        checkpoint()
+                    STEP_BOUNDARY.at_boundary()
+                    if position.step >= total_steps:
+                        break
+                    step_start = fetch_start = time.perf_counter()
+                    data_wait = 0.0
             epoch_done = position.batch_in_epoch >= batches_per_epoch or position.step >= total_steps
             if epoch_done:
                 if env.is_main and (cfg.eval.every_epoch or position.step >= total_steps):

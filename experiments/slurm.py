@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from core.interrupts import STEP_BOUNDARY
 from core.registry import ConfigError, closest
 from experiments.slurm_env import JOB_TAG, slurm_job_key
 
@@ -230,6 +231,7 @@ class SlurmWorker:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._interrupted = False
         signal.signal(signal.SIGTERM, self._on_sigterm)  # submitit ignores it; here it stops the cell cleanly
+        signal.signal(preemption_signal(), self._on_time_limit)  # in place of submitit's, which raises mid-step
         opts = LaunchOptions(**self.launch)
         matrix = load_matrix(self.matrix_path)
         storage = open_storage(opts)
@@ -251,14 +253,24 @@ class SlurmWorker:
         if self._interrupted:  # already stopping: let the checkpoint finish
             return
         self._interrupted = True
-        raise WorkerInterrupted(reason, requeue)
+        STEP_BOUNDARY.interrupt(WorkerInterrupted(reason, requeue))  # a training step in flight completes first
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._stop("SIGTERM (scancel, scontrol requeue or preemption)", requeue=False)
 
+    def _on_time_limit(self, signum: int, frame: Any) -> None:
+        self._stop("time limit or preemption signal", requeue=True)
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's hook on the time-limit / preemption signal: stop at this step, save, give back, requeue."""
         self._stop("time limit or preemption signal", requeue=True)
+
+
+def preemption_signal() -> signal.Signals:
+    """The signal SLURM sends ``signal_delay_s`` before the time limit (submitit's choice, USR2 by default)."""
+    from submitit.core.job_environment import JobEnvironment
+
+    return JobEnvironment._usr_sig()
 
 
 def release_own_claims(matrix: Any, storage: Any, study: Any) -> list[str]:

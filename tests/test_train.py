@@ -1,6 +1,8 @@
 """One training run end to end on synthetic CT-RATE: MLflow contents, resume, NaN handling."""
 
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ from mlflow import MlflowClient
 from core.cli import main
 from core.config import load_config, save_config
 from core.data import PATHOLOGIES
+from core.interrupts import STEP_BOUNDARY, StepBoundary
 from core.tracking import Tracker
 from core.train import NonFiniteLossError, run_dir_for, train
 
@@ -88,6 +91,49 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run(synthetic, tmp_
     assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-5, abs=1e-6)
     assert resumed.losses == pytest.approx(full.losses[4:], rel=1e-5, abs=1e-6)
     assert resumed.metrics["zeroshot_auroc"] == pytest.approx(full.metrics["zeroshot_auroc"], abs=1e-6)
+
+
+def test_stop_signal_mid_step_waits_for_the_step_so_the_resumed_history_has_no_hole(synthetic, tmp_path):
+    """A scheduler's signal arriving while step 3's metrics are on their way to MLflow stops after step 3."""
+    cfg = _config(synthetic, tmp_path, "train.max_steps=6", "train.epochs=10", "train.checkpoint_every=100")
+    original = Tracker.log_metrics
+
+    def signal_while_logging_step_3(self, metrics, step):
+        if "train_loss" in metrics and step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # its handler runs here, before step 3 is logged
+        original(self, metrics, step)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: STEP_BOUNDARY.interrupt(KeyboardInterrupt("time limit")))
+    Tracker.log_metrics = signal_while_logging_step_3
+    try:
+        with pytest.raises(KeyboardInterrupt, match="time limit"):
+            train(cfg, progress=False)
+    finally:
+        Tracker.log_metrics = original
+        signal.signal(signal.SIGUSR1, previous)
+    assert not STEP_BOUNDARY.pending
+    resumed = train(cfg, resume=True, progress=False)
+    assert len(resumed.losses) == 3  # steps 4..6: step 3 completed before the stop and is not repeated
+    history = MlflowClient(cfg.tracking.uri).get_metric_history(resumed.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+
+
+def test_step_boundary_raises_at_once_outside_a_step_and_after_it_inside():
+    boundary = StepBoundary()
+    with pytest.raises(KeyboardInterrupt, match="now"):
+        boundary.interrupt(KeyboardInterrupt("now"))
+    done = []
+    with pytest.raises(KeyboardInterrupt, match="first"), boundary.hold():
+        boundary.interrupt(KeyboardInterrupt("first"))
+        boundary.interrupt(KeyboardInterrupt("second"))
+        done.append("rest of the step")
+        boundary.at_boundary()
+        done.append("next step")
+    assert done == ["rest of the step"] and not boundary.pending
+    with pytest.raises(KeyboardInterrupt, match="at exit"), boundary.hold():  # the loop ended before a boundary
+        boundary.interrupt(KeyboardInterrupt("at exit"))
+    with pytest.raises(KeyboardInterrupt, match="free again"):
+        boundary.interrupt(KeyboardInterrupt("free again"))
 
 
 def test_nan_loss_fails_the_run_with_its_reason(synthetic, tmp_path):
