@@ -18,11 +18,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 # The main job on the embedded default: synthetic CT-RATE -> smoke matrix -> MLflow -> reports/smoke/.
-# Rerunning it trains nothing that already finished; `make clean-runs` starts over.
+# Rerunning it trains nothing that already finished; `make clean-runs` starts over. Two one-thread workers
+# share the 2 cores it is sized for (DEMO_WORKERS=N OMP_NUM_THREADS=M for a bigger machine).
 DATA ?= data/synthetic
+DEMO_WORKERS ?= 2
 demo: install
 	test -f $(DATA)/radiology_text_reports/train_reports.csv || $(CTLAB) data synth --out $(DATA) --train 600 --valid 100
-	$(CTLAB) matrix run experiments/smoke.yaml
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(CTLAB) matrix run experiments/smoke.yaml --workers $(DEMO_WORKERS)
 	$(CTLAB) bench model --matrix experiments/smoke.yaml --track --repeats 3 --out reports/smoke/bench --no-progress
 	$(CTLAB) report --matrix smoke --out reports/smoke
 	$(CTLAB) ui --screenshot reports/smoke/figures/mlflow-ui.png --parent-screenshot reports/smoke/figures/mlflow-ui-parent.png --experiment smoke --if-chromium

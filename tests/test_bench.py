@@ -15,6 +15,7 @@ from core.layers.attention import flash_unavailable_reason
 from core.model import build_model
 from core.registry import ENCODERS, ConfigError
 from core.tracking import find_runs
+from experiments.matrix import load_matrix
 from tests.conftest import TINY_OVERRIDES
 from tests.data_fixtures import SHAPE, SPACING, shared_synthetic
 
@@ -143,22 +144,25 @@ def test_bench_train_writes_both_configs_and_their_ratios(tiny_overrides, tmp_pa
     assert (tmp_path / "train-modern-vs-sa.md").read_text().count("| sa ") == 1
 
 
-def test_bench_model_matrix_benches_every_cell_against_the_baseline(tmp_path):
+def test_bench_model_matrix_benches_every_configuration_once_against_the_baseline(tmp_path):
     base = {"model": {"preset": "tiny", "text_encoder": "tiny-random", "latent_dim": 32},
             "data": {"target_shape": [16, 32, 32]}}
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump({"name": "mlps", "base": base, "axes": {"model.mlp": ["gelu", "geglu"]},
-                                    "baseline": {"model.mlp": "geglu"}}))
+                                    "repeats": 2, "baseline": {"model.mlp": "geglu"}}))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rc = main(["bench", "model", "--matrix", str(path), "--repeats", "1", "--warmup", "1", "--device", "cpu",
                "--no-progress", "--out", str(tmp_path), "--track", "--tracking-uri", uri])
     assert rc == 0
     frame = pd.read_csv(tmp_path / "model-mlps.csv").set_index("mlp")
+    assert sorted(frame.index) == ["geglu", "gelu"]  # seeds are not benchmarked twice
     assert frame.loc["geglu", "status"] == "baseline" and frame.loc["gelu", "status"] == "ok"
     assert frame.loc["gelu", "step_speedup"] == pytest.approx(
         frame.loc["geglu", "step_ms"] / frame.loc["gelu", "step_ms"])
     runs = find_runs(uri, "tags.matrix = 'mlps' and tags.`ctlab.kind` = 'efficiency'", experiment="efficiency")
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    seed0 = {c.cell_id for c in load_matrix(path).cells if c.config.train.seed == 0}
+    assert {r.data.tags["cell_id"] for r in runs} == seed0
     logged = {r.data.params["config.model.mlp"]: r.data.metrics for r in runs}
     assert logged["gelu"]["step_ms"] == pytest.approx(frame.loc["gelu", "step_ms"])
     assert logged["geglu"]["params_total"] > 0

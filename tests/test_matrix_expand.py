@@ -16,12 +16,14 @@ def _write(tmp_path, data):
     return path
 
 
-def test_smoke_matrix_has_the_papers_sixteen_cells():
+def test_smoke_matrix_has_the_papers_sixteen_configurations_with_two_seeds_each():
     matrix = load_matrix(EXPERIMENTS / "smoke.yaml")
-    assert len(matrix.cells) == 16 and len(matrix.runnable) == 16
-    assert len({c.cell_id for c in matrix.cells}) == 16
-    assert matrix.baseline_cell().label == "SA+GEGLU+LN, softmax"
-    assert {c.label for c in matrix.cells} >= {"SDPA+SwiGLU+RMSNorm, sigmoid", "SA+GEGLU+LN, sigmoid"}
+    assert len(matrix.cells) == 32 and len(matrix.runnable) == 32
+    assert len({c.cell_id for c in matrix.cells}) == 32
+    assert sorted(c.config.train.seed for c in matrix.cells) == [0] * 16 + [1] * 16
+    assert matrix.baseline_cell().label.startswith("SA+GEGLU+LN, softmax")
+    labels = {c.label.split(", frozen_text")[0] for c in matrix.cells}
+    assert labels >= {"SDPA+SwiGLU+RMSNorm, sigmoid", "SA+GEGLU+LN, sigmoid"} and len(labels) == 16
 
 
 def test_excludes_includes_and_repeats(tmp_path):

@@ -92,6 +92,17 @@ def run_zoo(args: argparse.Namespace) -> int:
     return _report(frame, columns, args, name, notes)
 
 
+def first_seed_cells(cells: list) -> list:
+    """One cell per configuration: a matrix's ``repeats`` differ only in ``train.seed``, which costs nothing."""
+    seen, kept = set(), []
+    for cell in cells:
+        key = tuple(sorted((k, repr(v)) for k, v in cell.assignment.items() if k != "train.seed"))
+        if key not in seen:
+            seen.add(key)
+            kept.append(cell)
+    return kept
+
+
 def _matrix_configs(path: str, overrides: list[str]) -> tuple[dict[str, Config], dict[str, str], str, str]:
     """The runnable cells of a matrix (overrides applied), its skipped cells with why, its baseline and name."""
     try:
@@ -102,11 +113,12 @@ def _matrix_configs(path: str, overrides: list[str]) -> tuple[dict[str, Config],
             "bench one config with `ctlab bench model CONFIG [KEY=VALUE ...]`"
         ) from None
     matrix = load_matrix(path)
-    counts = Counter(cell.label for cell in matrix.cells)
+    cells = first_seed_cells(matrix.cells)
+    counts = Counter(cell.label for cell in cells)
     labels = {cell.cell_id: cell.label if counts[cell.label] == 1 else f"{cell.label} [{cell.cell_id}]"
-              for cell in matrix.cells}
+              for cell in cells}
     configs, skipped = {}, {}
-    for cell in matrix.cells:
+    for cell in cells:
         if cell.skip_reason:
             skipped[labels[cell.cell_id]] = cell.skip_reason
         else:
