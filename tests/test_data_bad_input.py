@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.cli import main
 from core.data.cache import cache_path, prepare, summary_path
 from core.data.ctrate import SKIP_REASONS
 from core.data.dataset import CachedCTDataset
@@ -127,7 +128,7 @@ def test_bad_label_values_are_skipped(dataset_copy, tmp_path):
     assert summary.splits["valid"].skipped == {"bad_labels": 1}
 
 
-def test_a_partial_download_is_summarised_in_one_line_per_split(dataset_copy, tmp_path, caplog):
+def test_a_partial_download_is_summarised_in_one_line_per_split(dataset_copy, tmp_path, caplog, capsys):
     files = _train_files(dataset_copy)
     for path in files[:7]:
         path.unlink()
@@ -146,3 +147,8 @@ def test_a_partial_download_is_summarised_in_one_line_per_split(dataset_copy, tm
     assert summary.splits["train"].skipped == {"missing_file": 7} and summary.splits["train"].volumes == 3
     text = summary.format()
     assert text.count("have no file") == 2 and "skipped train_" not in text
+    assert main(["data", "info", "--root", str(dataset_copy), "--cache", str(tmp_path / "cache"),
+                 f"data.target_shape={list(cfg.target_shape)}", f"data.target_spacing={list(cfg.target_spacing)}"]) == 0
+    info = capsys.readouterr().out
+    assert info.count("have no file") == 2 and f"skipped as missing_file: {first}, ..." in info
+    assert "skipped train_" not in info

@@ -47,7 +47,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     """Print where the cache for these settings is, what it holds and what was skipped."""
-    from core.data.cache import cache_path, index_path, load_summary
+    from core.data.cache import cache_path, index_path, load_summary, missing_line
 
     cfg = _data_config(args)
     folder = cache_path(cfg)
@@ -65,7 +65,11 @@ def run_info(args: argparse.Namespace) -> int:
             continue
         reasons = ", ".join(f"{r} {n}" for r, n in summary["skipped"].items()) or "none"
         print(f"{split}: {summary['volumes']} volumes; skipped {sum(summary['skipped'].values())}: {reasons}")
-        for item in summary["skipped_files"][: args.max_files]:
+        missing = [Path(item["file"]).name for item in summary["skipped_files"] if item["reason"] == "missing_file"]
+        if missing:  # a partial download lists thousands: one line, as prepare prints it
+            print(f"  {missing_line(missing)}")
+        named = [item for item in summary["skipped_files"] if item["reason"] != "missing_file"]
+        for item in named[: args.max_files]:
             print(f"  skipped {item['file']}: {item['reason']} {item['detail']}".rstrip())
     others = sorted(p.name for p in Path(cfg.cache_dir).iterdir() if p.is_dir() and p != folder) \
         if Path(cfg.cache_dir).is_dir() else []
