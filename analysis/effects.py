@@ -93,7 +93,8 @@ class Replicates:
     """The two-level bootstrap of a set of runs, ready to evaluate any contrast of their configurations.
 
     ``configs`` names each run's configuration; ``full`` (R,) and ``resampled`` (R, B) are
-    ``run_resamples``' output for those runs (the same volume resamples for all of them).
+    ``run_resamples``' output for those runs (the same volume resamples for all of them). A resample in which
+    some run has no value (every label drawn with one class) is dropped for all runs, keeping them paired.
     """
 
     def __init__(self, configs: Sequence[str], full: np.ndarray, resampled: np.ndarray, seed: int = 0,
@@ -103,6 +104,7 @@ class Replicates:
         if len(configs) != len(full) or resampled.shape[0] != len(full):
             raise ValueError(f"{len(configs)} configuration names for {len(full)} runs / {resampled.shape[0]} rows "
                              "of resamples; give one of each per run")
+        resampled = resampled[:, ~np.isnan(resampled).any(axis=0)]  # a resample where some run has no value
         self.n_resamples = resampled.shape[1]
         self.mean: dict[str, float] = {}
         self.n_seeds: dict[str, int] = {}
@@ -171,7 +173,8 @@ def detectable_ratio(df: float, alpha: float = ALPHA, power: float = POWER) -> f
     t_crit = stats.t.ppf(1 - alpha / 2, df)
 
     def shortfall(ratio: float) -> float:
-        return stats.nct.sf(t_crit, df, ratio) + stats.nct.cdf(-t_crit, df, ratio) - power
+        wrong_side = np.nan_to_num(stats.nct.cdf(-t_crit, df, ratio))  # rejects with the wrong sign; ≈ 0
+        return stats.nct.sf(t_crit, df, ratio) + wrong_side - power
 
     high = t_crit + stats.t.ppf(power, df) + 1.0  # the usual approximation, widened until it brackets
     while shortfall(high) < 0 and high < 1e4:
