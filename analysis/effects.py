@@ -60,12 +60,23 @@ def run_resamples(labels: np.ndarray, scores: Sequence[np.ndarray], metric: str,
     ``labels`` (N, K) are the validation labels every run was scored on; ``scores`` holds one (N, K) array per
     run, rows in the same volume order. Labels with one class are left out of every macro mean.
     """
+    return run_resamples_many(labels, scores, [metric], protocol, n, seed)[metric]
+
+
+def run_resamples_many(labels: np.ndarray, scores: Sequence[np.ndarray], metrics: Sequence[str],
+                       protocol: str = "ctclip", n: int = 1000,
+                       seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``run_resamples`` of several metrics at once (one pass over each run's scores): metric → (full, resampled)."""
     labels = np.asarray(labels, dtype=float)
     weights = resample_counts(bootstrap_indices(labels.shape[0], n, seed), labels.shape[0])
     weights = np.vstack([np.ones((1, labels.shape[0])), weights])  # row 0: the full validation set
-    values = np.stack([resampled_metrics(labels, np.asarray(s, dtype=float), protocol, weights, [metric])[metric]
-                       for s in scores])
-    return values[:, 0], values[:, 1:]
+    per_run = [resampled_metrics(labels, np.asarray(s, dtype=float), protocol, weights, list(metrics))
+               for s in scores]
+    out = {}
+    for metric in metrics:
+        values = np.stack([run[metric] for run in per_run])
+        out[metric] = (values[:, 0], values[:, 1:])
+    return out
 
 
 @dataclass

@@ -10,12 +10,12 @@ recomputes the metric on resampled volumes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from analysis.effects import Replicates, run_resamples
+from analysis.effects import Replicates, run_resamples_many
 from core.data.pathologies import PATHOLOGIES
 from core.metrics import METRICS as BOOTSTRAP_METRICS
 from core.registry import ConfigError, closest
@@ -55,8 +55,10 @@ def pathology_order(names: list[str]) -> list[str]:
 
 
 def build_replicates(runs: pd.DataFrame, predictions: Mapping[str, pd.DataFrame | None], metric_key: str,
-                     n: int = 1000, seed: int = 0) -> tuple[Replicates | None, list[str], dict]:
-    """The two-level bootstrap of ``metric_key`` over the runs that have predictions for its readout.
+                     n: int = 1000, seed: int = 0,
+                     also: Sequence[str] = ()) -> tuple[dict[str, Replicates] | None, list[str], dict]:
+    """The two-level bootstrap of ``metric_key`` (and of the readout's metrics in ``also``: "f1", ...) over the
+    runs that have predictions for its readout; replicates are keyed by metric name ("auroc").
 
     ``predictions`` maps run id → the readout's predictions frame (None when the run lacks it). All runs are
     scored on the volumes and pathologies they share (with both classes present); runs whose labels differ
@@ -98,11 +100,13 @@ def build_replicates(runs: pd.DataFrame, predictions: Mapping[str, pd.DataFrame 
         notes.append(f"runs use different threshold protocols {protocols}; {metric_key} tests use {protocol}")
     labels = reference[columns].to_numpy(float)
     scores = [wide[row.run_id][1].loc[volumes, columns].to_numpy(float) for row in kept]
-    full, resampled = run_resamples(labels, scores, metric, protocol, n=n, seed=seed)
-    if np.isnan(full).any():
+    names = list(dict.fromkeys([metric, *also]))
+    values = run_resamples_many(labels, scores, names, protocol, n=n, seed=seed)
+    if np.isnan(values[metric][0]).any():
         notes.append(f"{metric_key}: some runs' predictions give no value; no CIs or tests")
         return None, notes, {}
-    replicates = Replicates([row.config for row in kept], full, resampled, seed=seed)
+    replicates = {name: Replicates([row.config for row in kept], full, resampled, seed=seed)
+                  for name, (full, resampled) in values.items() if not np.isnan(full).any()}
     info = {"n_volumes": len(volumes), "n_pathologies": len(columns), "protocol": protocol,
-            "run_ids": [row.run_id for row in kept], "full": dict(zip([r.run_id for r in kept], full, strict=True))}
+            "run_ids": [row.run_id for row in kept]}
     return replicates, notes, info

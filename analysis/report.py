@@ -190,10 +190,10 @@ def build_report(tracking_uri: str, matrix: str, out: str | Path, baseline: str 
                 notes.append(f"no run has {READOUTS[name]} (runs logged before the probe readout): the report "
                              "shows zero-shot only")
             continue
-        replicates[name], rep_notes, info[name] = build_replicates(runs, predictions[name], key, n=bootstrap,
-                                                                   seed=seed)
+        replicates[name], rep_notes, info[name] = build_replicates(
+            runs, predictions[name], key, n=bootstrap, seed=seed, also=METRICS if name == readout else ())
         notes.extend(rep_notes if name == readout else [n for n in rep_notes if "left out" not in n])
-    main_replicates = replicates.get(readout)
+    main_replicates = (replicates.get(readout) or {}).get(main)
     configs = configurations(runs)
     comparisons = comparison_table(main_replicates, baseline_contrasts(configs, base))
     performance = performance_table(runs, base, metric, replicates, comparisons)
@@ -349,8 +349,8 @@ def render_markdown(*, matrix: str, tracking_uri: str, out: Path, runs: pd.DataF
         "## Performance", "",
         markdown_table(performance_display(performance, base, metric)),
         f"Baseline: **{base}** ({base_source}). Main metric: `{metric}` (choose another with `--metric`). Values: "
-        "mean over seeds; brackets: 95 % CIs (several seeds: the two-level bootstrap for the main metric, Student's "
-        "t over seeds for the others; one seed: the run's logged volume bootstrap). "
+        "mean over seeds; brackets: 95 % CIs, cut to [0, 1] (several seeds: the two-level bootstrap where the runs' "
+        "predictions are at hand, else Student's t over the seeds; one seed: the run's logged volume bootstrap). "
         + (f"Δ {title} brackets and p: two-level bootstrap, two-sided; p (Holm): adjusted over the "
            f"{max(n_configs - 1, 0)} comparisons with the baseline." if "p_value" in performance else
            f"Δ {title}: difference of the logged means (no paired test; see notes)."), "",

@@ -148,7 +148,9 @@ def _describe(frame: pd.DataFrame) -> pd.DataFrame:
     repeated = set(labels.loc[labels["config"].duplicated(keep=False), "config"])
     clash = out["config"].isin(repeated)
     out.loc[clash, "config"] = out.loc[clash, "config"] + " [" + out.loc[clash, "config_key"].str[:8] + "]"
-    return out.sort_values(["_rank", "config"]).drop(columns="_rank").reset_index(drop=True)
+    out["_seed"] = pd.to_numeric(out["seed"], errors="coerce")
+    return out.sort_values(["_rank", "config", "_seed"], kind="stable").drop(columns=["_rank", "_seed"]) \
+        .reset_index(drop=True)
 
 
 def load_runs(tracking_uri: str, matrix: str, kind: str | None = "train",

@@ -106,19 +106,21 @@ def _summary(group: pd.DataFrame, key: str, replicates: Replicates | None = None
         else:
             low, high = _seed_interval(values)
     return {key: mean, f"{key}_sd": float(values.std(ddof=1)) if len(values) > 1 else np.nan,
-            f"{key}_ci_low": low, f"{key}_ci_high": high}
+            f"{key}_ci_low": max(float(low), 0.0), f"{key}_ci_high": min(float(high), 1.0)}  # every metric is in [0, 1]
 
 
 def performance_table(runs: pd.DataFrame, baseline: str, metric: str = DEFAULT_METRIC,
-                      replicates: Mapping[str, Replicates | None] | None = None,
+                      replicates: Mapping[str, Mapping[str, Replicates] | None] | None = None,
                       comparisons: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per configuration (its seeds aggregated), baseline first.
 
     Columns: config, n_seeds, seeds, cell_ids, run_ids, protocol; for each of ``METRICS`` of ``metric``'s
-    readout its mean over seeds, ``_sd``, ``_ci_low`` / ``_ci_high`` (see ``_summary``; NaN when never logged);
+    readout its mean over seeds, ``_sd``, ``_ci_low`` / ``_ci_high`` (see ``_summary``, cut to [0, 1]; NaN when
+    never logged);
     the other readout's value of the same metric as ``<readout>_<metric>`` (+ ``_ci_low`` / ``_ci_high``);
     ``delta`` = the configuration's mean ``metric`` − the baseline's; and the columns of ``comparisons``
-    (the two-level test against the baseline) when given. ``replicates`` maps readout → its two-level bootstrap.
+    (the two-level test against the baseline) when given. ``replicates`` maps readout → {metric name → its
+    two-level bootstrap} ({"zeroshot": {"auroc": ...}}).
     """
     readout, main = parse_metric(metric)
     other = other_readout(readout)
@@ -131,9 +133,9 @@ def performance_table(runs: pd.DataFrame, baseline: str, metric: str = DEFAULT_M
             "cell_ids": "; ".join(group["cell_id"].astype(str)), "run_ids": "; ".join(group["run_id"].astype(str)),
             "protocol": group["protocol"].iloc[0]}
         for name in dict.fromkeys((*METRICS, main)):
-            summary = _summary(group, f"{readout}_{name}", replicates.get(readout) if name == main else None)
+            summary = _summary(group, f"{readout}_{name}", (replicates.get(readout) or {}).get(name))
             row.update({k.removeprefix(f"{readout}_"): v for k, v in summary.items()})
-        row.update(_summary(group, f"{other}_{main}", replicates.get(other)))
+        row.update(_summary(group, f"{other}_{main}", (replicates.get(other) or {}).get(main)))
         rows.append(row)
     table = pd.DataFrame(rows)
     base_value = table.loc[table["config"] == baseline, main].iloc[0]
