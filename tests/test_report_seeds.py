@@ -1,4 +1,4 @@
-"""``ctlab report`` on a real MLflow SQLite store holding matrices with 2 seeds per cell.
+"""``ctlab report`` on a real MLflow SQLite store holding matrices with 2 seeds per cell (end to end: slow).
 
 The matrices (attention standard / sdpa × loss clip / siglip, ``repeats: 2``) are expanded by
 ``experiments.matrix.load_matrix``; each cell is logged as the launcher logs it (``Tracker``: the resolved
@@ -28,6 +28,8 @@ from core.metrics import classification_metrics
 from core.tracking import Tracker
 from experiments.matrix import load_matrix
 from tests.run_fixtures import tiny_run
+
+pytestmark = pytest.mark.slow
 
 N_VOLUMES = 40
 SA, SDPA = "SA+GEGLU+LN", "SDPA+GEGLU+LN"  # the tiny CT-ViT's MLP is GEGLU
