@@ -207,3 +207,17 @@ def test_effects_frame_adjusts_one_family() -> None:
     assert list(frame["config"]) == ["c1", "c2"]
     np.testing.assert_allclose(frame["p_adj"], multipletests(frame["p_value"], method="holm")[1])
     assert (frame["p_adj"] >= frame["p_value"]).all()
+
+
+def test_p_value_and_ci_agree() -> None:
+    """The CI at level 1 − p has 0 on its edge: p is two-sided and belongs to the same interval."""
+    rng = np.random.default_rng(8)
+    labels, configs, scores = simulate(rng, [1.0, 1.25], seeds=3)
+    full, resampled = run_resamples(labels, scores, "auroc", n=200, seed=0)
+    replicates = Replicates(configs, full, resampled)
+    effect = replicates.contrast({"c1": 1, "c0": -1})
+    assert 0.001 < effect.p_value < 0.999
+    edge = replicates.contrast({"c1": 1, "c0": -1}, alpha=effect.p_value)
+    assert min(abs(edge.ci_low), abs(edge.ci_high)) == pytest.approx(0, abs=1e-9)
+    inside = replicates.contrast({"c1": 1, "c0": -1}, alpha=effect.p_value * 0.9)
+    assert inside.ci_low < 0 < inside.ci_high
