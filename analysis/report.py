@@ -192,7 +192,7 @@ def build_report(tracking_uri: str, matrix: str, out: str | Path, baseline: str 
             continue
         replicates[name], rep_notes, info[name] = build_replicates(
             runs, predictions[name], key, n=bootstrap, seed=seed, also=METRICS if name == readout else ())
-        notes.extend(rep_notes if name == readout else [n for n in rep_notes if "left out" not in n])
+        notes.extend(rep_notes)
     main_replicates = (replicates.get(readout) or {}).get(main)
     configs = configurations(runs)
     comparisons = comparison_table(main_replicates, baseline_contrasts(configs, base))
@@ -240,7 +240,7 @@ def build_report(tracking_uri: str, matrix: str, out: str | Path, baseline: str 
     styles = figures.looks(pd.concat([runs, efficiency_runs]) if efficiency_runs is not None else runs)
     if performance[list(METRICS)].notna().any().any():
         report.figures["metrics"] = figures.metric_bars(performance, figures_dir / "metrics.png", first_protocol,
-                                                        styles)
+                                                        styles, READOUT_NAMES[readout].capitalize())
     else:
         notes.append(f"no {READOUT_NAMES[readout]} metrics ({readout}_auroc, ...) were logged by these runs")
 
@@ -265,8 +265,9 @@ def build_report(tracking_uri: str, matrix: str, out: str | Path, baseline: str 
         report.figures["roc"] = figures.roc_curves(shown, roles, figures_dir / "roc_best_vs_baseline.png",
                                                       styles)
 
-    loss = metric_histories(tracking_uri, runs, "train_loss")
-    validation = metric_histories(tracking_uri, runs, "zeroshot_auroc")
+    loss, validation = (metric_histories(tracking_uri, runs, key).groupby(["config", "step"], as_index=False,
+                                                                         sort=False)["value"].mean()
+                        for key in ("train_loss", "zeroshot_auroc"))  # a configuration's seeds: their mean
     if loss.empty and validation.empty:
         notes.append("no train_loss or zeroshot_auroc history was logged; no training curves")
     else:
@@ -376,7 +377,8 @@ def render_markdown(*, matrix: str, tracking_uri: str, out: Path, runs: pd.DataF
               _figure_md(out, report.figures.get("heatmap"), "per-pathology AUROC heat-map"),
               _figure_md(out, report.figures.get("metrics"), "metric bars with 95 % CIs"),
               _figure_md(out, report.figures.get("roc"), "ROC curves of the best and the baseline configuration"),
-              _figure_md(out, report.figures.get("curves"), "training loss and validation AUROC curves"), ""]
+              _figure_md(out, report.figures.get("curves"),
+                         "training loss and validation AUROC curves (mean over seeds)"), ""]
     if "per_pathology" in report.tables:
         lines += [f"Per-pathology AUROC values: {_links(report.tables['per_pathology'], out)}", ""]
     lines += ["## Efficiency", ""]
