@@ -258,3 +258,28 @@ def test_unknown_metric_names_the_closest(store: dict, capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert code == 2 and "no run of this matrix logged probe_auroc" in err and "zeroshot_auroc" in err
     assert not (tmp_path / "report.md").exists()
+
+
+def test_real_matrix_with_two_seeds_end_to_end(tmp_path: Path) -> None:
+    """A real matrix (standard vs SDPA attention, ``repeats: 2``) trained by ``ctlab matrix run`` on synthetic
+    CT-RATE, then reported: the seeds become replicates and the SA / SDPA control is evaluated on real runs."""
+    import yaml
+
+    assert main(["data", "synth", "--out", str(tmp_path / "data" / "root"), "--train", "12", "--valid", "8",
+                 "--seed", "3"]) == 0
+    matrix = {"name": "seeds_real", "base": tiny_run(tmp_path / "data", tmp_path / "runs", 4),
+              "axes": {"model.attention": ["standard", "sdpa"]}, "repeats": 2,
+              "baseline": {"model.attention": "standard"}}
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump(matrix))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["matrix", "run", str(path), "--tracking-uri", uri, "--storage", f"sqlite:///{tmp_path}/optuna.db",
+                 "--no-progress"]) == 0
+    code, printed = _report(uri, tmp_path / "report", "seeds_real")
+    assert code == 0, printed
+    table = pd.read_csv(tmp_path / "report" / "tables" / "performance.csv")
+    assert list(table["n_seeds"]) == [2, 2] and list(table["seeds"]) == ["0, 1", "0, 1"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Negative control (SDPA vs SA attention, the same math, 1 matched pair(s), 2 seeds)" in md
+    assert "the CI contains 0: passed." in md and "Warning" not in md
+    assert "SDPA vs SA (attention): Δ AUROC" in md
