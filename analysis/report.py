@@ -159,6 +159,8 @@ def build_report(tracking_uri: str, matrix: str, out: str | Path, baseline: str 
     """
     out = Path(out)
     readout, main = parse_metric(metric)
+    if bootstrap < 10:
+        raise ConfigError(f"--bootstrap {bootstrap}: a CI needs at least 10 resamples (1000 by default)")
     runs = load_runs(tracking_uri, matrix)
     _check_metric(runs, metric)
     left_out = dict(runs.attrs.get("left_out", {}))

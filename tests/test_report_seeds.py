@@ -257,6 +257,9 @@ def test_unknown_metric_names_the_closest(store: dict, capsys: pytest.CaptureFix
                  "--metric", "probe_auroc"])
     err = capsys.readouterr().err
     assert code == 2 and "no run of this matrix logged probe_auroc" in err and "zeroshot_auroc" in err
+    code = main(["report", "--matrix", "seeds_ok", "--tracking-uri", store["uri"], "--out", str(tmp_path),
+                 "--bootstrap", "1"])
+    assert code == 2 and "at least 10 resamples" in capsys.readouterr().err
     assert not (tmp_path / "report.md").exists()
 
 
