@@ -25,14 +25,17 @@ from its configuration's seed mean, is subtracted twice so it counts once.
 A comparison is a contrast Δ = Σ_c w_c · m̄_c of the configurations' seed means
 (configuration − baseline; a main effect: the mean over matched cells;
 an interaction: the mean difference of differences). Its standard error is
-the standard deviation of the contrast over the two-level resamples. With few
+the standard deviation of the contrast over the two-level resamples, less the
+double-counted interaction (never below the seed part alone). With few
 seeds the standard error itself is uncertain, so the 95 % CI and the
 two-sided p-value use Student's t with Welch–Satterthwaite degrees of freedom
 (each configuration's seed variance s²_c/n_c has n_c − 1 degrees of freedom;
 the volume part is treated as known): CI = Δ ± t·se, p = 2·(1 − F_t(|Δ|/se)).
 A configuration with one seed adds no seed variance (it cannot be estimated
-from one run); the result says so through ``n_seeds``. The minimal detectable
-effect at power 1 − β, level α is (t_{1−α/2} + t_{1−β})·se. Holm's step-down
+from one run; with no seed variance at all the reference is the normal); the
+result says so through ``n_seeds``. The minimal detectable effect is se times
+the |Δ|/se that this t-test detects with power 1 − β at level α, solved on the
+noncentral t (``detectable_ratio``). Holm's step-down
 adjustment (statsmodels' ``multipletests``) is applied within each family of
 comparisons.
 """
@@ -106,6 +109,8 @@ class Replicates:
     ``configs`` names each run's configuration; ``full`` (R,) and ``resampled`` (R, B) are
     ``run_resamples``' output for those runs (the same volume resamples for all of them). A resample in which
     some run has no value (every label drawn with one class) is dropped for all runs, keeping them paired.
+    ``seed`` seeds the seed-level draws; ``seed_level=False`` keeps every run's seeds fixed (a volume-only
+    bootstrap, which ignores training-seed variance: the miscalibrated reference the tests compare with).
     """
 
     def __init__(self, configs: Sequence[str], full: np.ndarray, resampled: np.ndarray, seed: int = 0,
