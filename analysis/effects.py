@@ -31,9 +31,12 @@ seeds the standard error itself is uncertain, so the 95 % CI and the
 two-sided p-value use Student's t with Welch–Satterthwaite degrees of freedom
 (each configuration's seed variance s²_c/n_c has n_c − 1 degrees of freedom;
 the volume part is treated as known): CI = Δ ± t·se, p = 2·(1 − F_t(|Δ|/se)).
-A configuration with one seed adds no seed variance (it cannot be estimated
-from one run; with no seed variance at all the reference is the normal); the
-result says so through ``n_seeds``. The minimal detectable effect is se times
+A configuration with one seed cannot show its seed variance; in a matrix where
+other configurations have several seeds it borrows their pooled seed variance
+(Σ (n_c − 1) s²_c / Σ (n_c − 1), with that many degrees of freedom; the seed
+level is assumed alike across configurations); when every configuration has
+one seed there is none to borrow, the CI covers volume sampling only and the
+reference is the normal. ``n_seeds`` (the fewest seeds in a contrast) says so. The minimal detectable effect is se times
 the |Δ|/se that this t-test detects with power 1 − β at level α, solved on the
 noncentral t (``detectable_ratio``). Holm's step-down
 adjustment (statsmodels' ``multipletests``) is applied within each family of
@@ -147,6 +150,16 @@ class Replicates:
             self.overlap[name] = float((boot - centre).var(axis=1, ddof=1).sum() / (n - 1) / n)
             counts = resample_counts(rng.integers(0, n, size=(self.n_resamples, n)), n)  # (B, n)
             self.two_level[name] = (counts * inflated.T).sum(1) / n
+        self.borrowed: dict[str, float] = {}  # one-seed configurations: the pooled seed variance they borrow
+        self.pooled_df = sum(n - 1 for n in self.n_seeds.values())
+        single = [c for c, n in self.n_seeds.items() if n == 1]
+        if seed_level and single and self.pooled_df:
+            weight = {c: (n - 1) / self.pooled_df for c, n in self.n_seeds.items() if n > 1}
+            pooled = sum(w * self.seed_variance[c] * self.n_seeds[c] for c, w in weight.items())
+            interaction = sum(w * self.overlap[c] * self.n_seeds[c] for c, w in weight.items())
+            for name in single:
+                self.borrowed[name] = pooled
+                self.overlap[name] = interaction / 2  # its volume bootstrap already holds I once: subtract once
 
     @property
     def configs(self) -> list[str]:
@@ -160,12 +173,17 @@ class Replicates:
             raise KeyError(f"no runs of configuration(s) {unknown} in these replicates")
         delta = float(sum(w * self.mean[c] for c, w in weights.items()))
         boot = sum(w * self.two_level[c] for c, w in weights.items())
-        seed_part = sum(w**2 * self.seed_variance[c] for c, w in weights.items())
+        borrowed = sum(w**2 * self.borrowed.get(c, 0.0) for c, w in weights.items())
+        seed_part = sum(w**2 * self.seed_variance[c] for c, w in weights.items()) + borrowed
         overlap = sum(w**2 * self.overlap[c] for c, w in weights.items())
-        se = float(np.sqrt(max(np.var(boot, ddof=1) - 2 * overlap, seed_part)))
+        se = float(np.sqrt(max(np.var(boot, ddof=1) - 2 * overlap + borrowed, seed_part)))
         parts = [(w**2 * self.seed_variance[c], self.n_seeds[c] - 1) for c, w in weights.items()
                  if self.seed_variance[c] > 0]
+        if borrowed > 0:
+            parts.append((borrowed, self.pooled_df))
         df = se**4 / sum(v**2 / d for v, d in parts) if parts and se > 0 else np.inf
+        if borrowed > 0:  # the pooled variance shares its seeds with the other parts: no more df than it has
+            df = min(df, self.pooled_df)
         df = max(df, 1.0)
         n_seeds = min(self.n_seeds[c] for c in weights)
         if se == 0:

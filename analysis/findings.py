@@ -23,7 +23,7 @@ def _metric_name(metric: str) -> str:
 
 def _seeds(n: object) -> str:
     n = int(n)  # type: ignore[call-overload]
-    return "1 seed (seed variance not estimated)" if n == 1 else f"{n} seeds"
+    return "1 seed (no replicate)" if n == 1 else f"{n} seeds"
 
 
 def verdict(delta: float, p_adj: float) -> str:

@@ -177,7 +177,8 @@ def build_report(tracking_uri: str, matrix: str, out: str | Path, baseline: str 
         notes.append("every configuration has 1 seed: seed variance cannot be estimated, so CIs and p-values "
                      "cover validation-volume sampling only (set `repeats: 2` or more in the matrix)")
     elif single:
-        notes.append(f"1 seed only (no seed variance of its own in its CIs): {'; '.join(single)}")
+        notes.append(f"1 seed only (its CIs borrow the pooled seed variance of the configurations with several "
+                     f"seeds): {'; '.join(single)}")
 
     per_label = _artifacts(tracking_uri, runs, PER_LABEL_ARTIFACT, notes)
     predictions = {name: _artifacts(tracking_uri, runs, artifact, None) for name, artifact in READOUTS.items()}

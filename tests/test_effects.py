@@ -221,3 +221,20 @@ def test_p_value_and_ci_agree() -> None:
     assert min(abs(edge.ci_low), abs(edge.ci_high)) == pytest.approx(0, abs=1e-9)
     inside = replicates.contrast({"c1": 1, "c0": -1}, alpha=effect.p_value * 0.9)
     assert inside.ci_low < 0 < inside.ci_high
+
+
+def test_a_one_seed_configuration_borrows_the_pooled_seed_variance() -> None:
+    """A/A comparisons of a one-seed configuration with a three-seed one (a third configuration also has three):
+    the one-seed side borrows the pooled seed variance, and the test stays calibrated."""
+    rng = np.random.default_rng(3)
+    rejections = []
+    for i in range(N_SIM):
+        labels, configs, scores = simulate(rng, [1.0, 1.0, 1.0], seeds=3)
+        keep = [0, 1, 2, 3, 6, 7, 8]  # c0: 3 seeds, c1: 1 seed, c2: 3 seeds
+        full, resampled = run_resamples(labels, [scores[k] for k in keep], "auroc", n=RESAMPLES, seed=i)
+        replicates = Replicates([configs[k] for k in keep], full, resampled, seed=i)
+        effect = replicates.contrast({"c1": 1, "c0": -1})
+        rejections.append(effect.p_value < 0.05)
+    assert replicates.borrowed["c1"] > 0 and effect.n_seeds == 1 and effect.df <= 4
+    low, high = binomial_interval(0.05)
+    assert low <= np.mean(rejections) <= high, np.mean(rejections)
