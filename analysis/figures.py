@@ -139,9 +139,10 @@ def pathology_heatmap(table: pd.DataFrame, path: Path, metric: str = "AUROC") ->
     return _save(fig, path)
 
 
-def metric_bars(table: pd.DataFrame, path: Path, protocol: str, styles: Looks | None = None) -> Path:
-    """Grouped bars of the macro metrics per configuration with 95 % CI whiskers where logged; a panel per loss,
-    colour per block, hatching per attention kernel (``looks``)."""
+def metric_bars(table: pd.DataFrame, path: Path, protocol: str, styles: Looks | None = None,
+                readout: str = "Zero-shot") -> Path:
+    """Grouped bars of the macro metrics per configuration (``readout``'s: zero-shot or linear probe) with 95 % CI
+    whiskers where known; a panel per loss, colour per block, hatching per attention kernel (``looks``)."""
     styles = styles or looks(table)
     metrics = [m for m in METRICS if table[m].notna().any()]
     panels = _facets(list(table["config"]), styles)
@@ -173,7 +174,7 @@ def metric_bars(table: pd.DataFrame, path: Path, protocol: str, styles: Looks | 
                    ylabel="score (0–1)" if ax in grid[:, 0] else "")
             ax.legend(title="configuration", loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False,
                       ncol=2 if len(configs) > 1 else 1, fontsize=8)
-        fig.suptitle(f"Zero-shot metrics, protocol {protocol} (whiskers: 95 % CI; colour: block, hatching: "
+        fig.suptitle(f"{readout} metrics, protocol {protocol} (whiskers: 95 % CI; colour: block, hatching: "
                      "attention)")
     return _save(fig, path)
 

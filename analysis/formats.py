@@ -15,9 +15,12 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.tables import METRICS, effect_name
+from core.naming import short_name
 
 MISSING = "–"
-METRIC_NAMES = {"auroc": "AUROC", "f1": "F1", "precision": "Precision", "recall": "Recall", "auprc": "AUPRC"}
+METRIC_NAMES = {"auroc": "AUROC", "f1": "F1", "precision": "Precision", "recall": "Recall", "auprc": "AUPRC",
+                "accuracy": "Accuracy"}
+READOUT_TITLES = {"zeroshot": "Zero-shot", "probe": "Probe"}
 _LATEX = str.maketrans({
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
     "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
@@ -51,39 +54,89 @@ def p_value(value: object) -> str:
     return "<0.001" if float(value) < 0.001 else f"{float(value):.3f}"
 
 
-def performance_display(table: pd.DataFrame, baseline: str) -> pd.DataFrame:
-    """The seed paper's table: Configuration, AUROC, F1, Precision, Recall, AUPRC (95 % CIs when logged),
-    then Δ AUROC vs the baseline (with the paired-bootstrap CI) and its p-value when computed."""
-    out = pd.DataFrame({"Configuration": table["config"]})
-    for metric in METRICS:
-        out[METRIC_NAMES[metric]] = [with_ci(v, lo, hi) for v, lo, hi in
-                                     zip(table[metric], table[f"{metric}_ci_low"], table[f"{metric}_ci_high"],
-                                         strict=True)]
+def metric_title(metric: str) -> str:
+    """"AUROC" for "auroc"; "Probe AUROC" / "Zero-shot AUROC" for a full metric key."""
+    if "_" in metric and metric.split("_", 1)[0] in READOUT_TITLES:
+        readout, name = metric.split("_", 1)
+        return f"{READOUT_TITLES[readout]} {METRIC_NAMES.get(name, name)}"
+    return METRIC_NAMES.get(metric, metric)
+
+
+def _seeds(n: object) -> str:
+    return MISSING if _missing(n) else str(int(n))  # type: ignore[arg-type]
+
+
+def performance_display(table: pd.DataFrame, baseline: str, metric: str = "zeroshot_auroc") -> pd.DataFrame:
+    """The seed paper's table, one row per configuration (seeds aggregated): Configuration, Seeds, AUROC, F1,
+    Precision, Recall, AUPRC of ``metric``'s readout (mean over seeds, 95 % CI in brackets where known), the
+    other readout's value of the same metric when any run logged it, then Δ ``metric`` vs the baseline (with
+    the two-level CI) and its p-value, raw and Holm-adjusted, when tested."""
+    readout, main = metric.split("_", 1)
+    out = pd.DataFrame({"Configuration": table["config"], "Seeds": [_seeds(n) for n in table["n_seeds"]]})
+    for name in dict.fromkeys((*METRICS, main)):
+        out[METRIC_NAMES.get(name, name)] = [
+            with_ci(v, lo, hi) for v, lo, hi in zip(table[name], table[f"{name}_ci_low"], table[f"{name}_ci_high"],
+                                                    strict=True)]
+    other = next(r for r in READOUT_TITLES if r != readout)
+    side = f"{other}_{main}"
+    if side in table and table[side].notna().any():
+        out[metric_title(side)] = [with_ci(v, lo, hi) for v, lo, hi in
+                                   zip(table[side], table[f"{side}_ci_low"], table[f"{side}_ci_high"], strict=True)]
     is_base = table["config"] == baseline
     has_test = "p_value" in table
-    delta, low, high = table["delta_auroc"], [None] * len(table), [None] * len(table)
-    if has_test:  # the paired test's own Δ, which its CI brackets; the logged difference where untested
-        delta = table["delta_auroc_bootstrap"].fillna(table["delta_auroc"])
-        low, high = table["delta_auroc_ci_low"], table["delta_auroc_ci_high"]
-    out["Δ AUROC"] = ["baseline" if base else with_ci(d, lo, hi, signed=True)
-                      for base, d, lo, hi in zip(is_base, delta, low, high, strict=True)]
+    delta, low, high = table["delta"], [None] * len(table), [None] * len(table)
+    if has_test:  # the test's own Δ, which its CI brackets; the logged difference where untested
+        delta = table["delta_bootstrap"].fillna(table["delta"])
+        low, high = table["delta_ci_low"], table["delta_ci_high"]
+    out[f"Δ {METRIC_NAMES.get(main, main)}"] = ["baseline" if base else with_ci(d, lo, hi, signed=True)
+                                                 for base, d, lo, hi in zip(is_base, delta, low, high, strict=True)]
     if has_test:
         out["p"] = [MISSING if base else p_value(p) for base, p in zip(is_base, table["p_value"], strict=True)]
+        out["p (Holm)"] = [MISSING if base else p_value(p) for base, p in zip(is_base, table["p_adj"], strict=True)]
     return out
 
 
-def effect_display(effects: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
-    """Axis, change ("SA → FA"), mean Δ, range of Δ over matched pairs, and the number of pairs."""
-    name = METRIC_NAMES.get(metric, metric)
-    return pd.DataFrame({
-        "Axis": effects["axis"],
-        "Change": [effect_name(row) for _, row in effects.iterrows()],
-        f"Mean Δ {name}": [number(v, signed=True) for v in effects["mean_delta"]],
-        f"Δ {name} range": [MISSING if n == 0 else f"{number(lo, signed=True)} … {number(hi, signed=True)}"
-                            for lo, hi, n in zip(effects["min_delta"], effects["max_delta"], effects["n_pairs"],
-                                                 strict=True)],
-        "Matched pairs": effects["n_pairs"].astype(int).astype(str),
-    })
+def effect_display(effects: pd.DataFrame, metric: str = "zeroshot_auroc") -> pd.DataFrame:
+    """Axis, change ("SA → FA"), then Δ with its two-level 95 % CI, p, Holm-adjusted p, the minimal
+    detectable effect and the seeds when tested; else the mean Δ and its range over the matched pairs."""
+    name = METRIC_NAMES.get(metric.split("_", 1)[-1], metric)
+    out = pd.DataFrame({"Axis": effects["axis"], "Change": [effect_name(row) for _, row in effects.iterrows()]})
+    if "p_value" in effects:
+        out[f"Δ {name} [95 % CI]"] = [with_ci(d, lo, hi, signed=True) for d, lo, hi in
+                                      zip(effects["delta"], effects["ci_low"], effects["ci_high"], strict=True)]
+        out["p"] = [p_value(p) for p in effects["p_value"]]
+        out["p (Holm)"] = [p_value(p) for p in effects["p_adj"]]
+        out["MDE (80 % power)"] = [number(m) for m in effects["mde"]]
+        out["Seeds"] = [_seeds(n) for n in effects["n_seeds"]]
+    else:
+        out[f"Mean Δ {name}"] = [number(v, signed=True) for v in effects["mean_delta"]]
+    out[f"Δ {name} range"] = [MISSING if n == 0 else f"{number(lo, signed=True)} … {number(hi, signed=True)}"
+                              for lo, hi, n in zip(effects["min_delta"], effects["max_delta"], effects["n_pairs"],
+                                                   strict=True)]
+    out["Matched pairs"] = effects["n_pairs"].astype(int).astype(str)
+    return out
+
+
+def interaction_display(interactions: pd.DataFrame, metric: str = "zeroshot_auroc") -> pd.DataFrame:
+    """Axes, the two changes, the difference of differences with its two-level CI, p and Holm-adjusted p when
+    tested (else the logged value), and the number of matched sets of four cells."""
+    name = METRIC_NAMES.get(metric.split("_", 1)[-1], metric)
+    out = pd.DataFrame({
+        "Axes": [f"{a} × {b}" for a, b in zip(interactions["axis_a"], interactions["axis_b"], strict=True)],
+        "Change A": [f"{short_name(r.axis_a, r.baseline_a)} → {short_name(r.axis_a, r.value_a)}"
+                     for r in interactions.itertuples()],
+        "Change B": [f"{short_name(r.axis_b, r.baseline_b)} → {short_name(r.axis_b, r.value_b)}"
+                     for r in interactions.itertuples()]})
+    if "p_value" in interactions:
+        out[f"Interaction Δ {name} [95 % CI]"] = [
+            with_ci(d, lo, hi, signed=True)
+            for d, lo, hi in zip(interactions["delta"], interactions["ci_low"], interactions["ci_high"], strict=True)]
+        out["p"] = [p_value(p) for p in interactions["p_value"]]
+        out["p (Holm)"] = [p_value(p) for p in interactions["p_adj"]]
+    else:
+        out[f"Interaction Δ {name}"] = [number(v, signed=True) for v in interactions["mean_delta"]]
+    out["Matched sets"] = interactions["n_sets"].astype(int).astype(str)
+    return out
 
 
 def memory_unit(megabytes: pd.Series) -> tuple[str, float]:

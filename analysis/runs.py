@@ -5,7 +5,12 @@
 per cell, with columns every table relies on added:
 
 - ``cell_id``: the ``cell_id`` tag (the run id where a run has none),
-- ``config``: the row label ("SA+GELU+LN, softmax"; the ``cell_label`` tag when set),
+- ``config``: the row label ("SA+GELU+LN, softmax"; the ``cell_label`` tag when set), shared by the seeds of
+  one configuration (a matrix's ``repeats``): runs whose result-changing params differ only in ``train.seed``
+  are replicates of one configuration; different configurations with the same label get their
+  ``config_key``'s first 8 characters appended,
+- ``config_key``: a hash of the run's result-changing params without the seed (one per configuration),
+- ``seed``: the run's ``train.seed`` param (None when not logged),
 - ``component.<axis>``: the resolved value of each axis in ``core.naming.AXES``,
 - ``protocol``: the first of the run's ``eval.protocols`` (the one its unsuffixed metrics use).
 
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import hashlib
+import json
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -27,7 +34,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from core.naming import AXES, component_rank, component_values, config_label
+from core.config import NON_SEMANTIC_KEYS
+from core.naming import AXES, SEARCH_AXES, component_rank, component_values, config_label
 from core.registry import ConfigError, closest
 
 log = logging.getLogger(__name__)
@@ -112,6 +120,17 @@ def _tag(row: pd.Series, name: str) -> str | None:
     return None if value is None or pd.isna(value) or str(value) == "" else str(value)
 
 
+SEED_PARAMS = ("train.seed", "seed")  # the config key and its short search copy
+
+
+def config_key(params: dict[str, str]) -> str:
+    """A hash of the params that change a run's result, except its seed: equal for the seeds of one
+    configuration, different for any two configurations."""
+    semantic = {k: v for k, v in params.items() if not k.startswith(NON_SEMANTIC_KEYS) and k not in SEED_PARAMS
+                and k not in SEARCH_AXES}
+    return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _describe(frame: pd.DataFrame) -> pd.DataFrame:
     """Add config, component.* and protocol columns (see the module docstring)."""
     params = [run_params(row) for _, row in frame.iterrows()]
@@ -122,10 +141,16 @@ def _describe(frame: pd.DataFrame) -> pd.DataFrame:
     for axis in AXES:
         out[f"component.{axis}"] = [c[axis] for c in components]
     out["protocol"] = [first_protocol(p.get("eval.protocols")) for p in params]
+    out["config_key"] = [config_key(p) for p in params]
+    out["seed"] = [p.get("train.seed") for p in params]
     out["_rank"] = [component_rank(c) for c in components]
-    repeated = out["config"].duplicated(keep=False)
-    out.loc[repeated, "config"] = out.loc[repeated, "config"] + " [" + out.loc[repeated, "cell_id"].str[:8] + "]"
-    return out.sort_values(["_rank", "config"]).drop(columns="_rank").reset_index(drop=True)
+    labels = out.drop_duplicates("config_key")
+    repeated = set(labels.loc[labels["config"].duplicated(keep=False), "config"])
+    clash = out["config"].isin(repeated)
+    out.loc[clash, "config"] = out.loc[clash, "config"] + " [" + out.loc[clash, "config_key"].str[:8] + "]"
+    out["_seed"] = pd.to_numeric(out["seed"], errors="coerce")
+    return out.sort_values(["_rank", "config", "_seed"], kind="stable").drop(columns=["_rank", "_seed"]) \
+        .reset_index(drop=True)
 
 
 def load_runs(tracking_uri: str, matrix: str, kind: str | None = "train",
@@ -180,14 +205,16 @@ def declared_baseline(tracking_uri: str, parent_run_id: str) -> dict[str, str] |
     return None
 
 
-def artifact_frame(tracking_uri: str, run_id: str, name: str) -> pd.DataFrame | None:
-    """The CSV artifact ``name`` of a run as a DataFrame; None (with a warning naming it) when absent."""
+def artifact_frame(tracking_uri: str, run_id: str, name: str, optional: bool = False) -> pd.DataFrame | None:
+    """The CSV artifact ``name`` of a run as a DataFrame; None when absent, with a warning naming it unless
+    the artifact is ``optional`` (a readout older runs never logged; the caller reports it once)."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp,
                                                        tracking_uri=tracking_uri)
         except (MlflowException, OSError) as err:
-            log.warning("run %s has no artifact %s (%s)", run_id, name, str(err).splitlines()[0] if str(err) else err)
+            (log.debug if optional else log.warning)("run %s has no artifact %s (%s)", run_id, name,
+                                                     str(err).splitlines()[0] if str(err) else err)
             return None
         return pd.read_csv(Path(path))
 

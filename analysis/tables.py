@@ -1,8 +1,11 @@
-"""The report's tables as numeric DataFrames: performance, significance, per-pathology AUROC, effects, efficiency.
+"""The report's tables as numeric DataFrames: performance, comparisons, effects, interactions, the negative
+control, per-pathology AUROC, efficiency.
 
-Every function takes ``load_runs`` frames (one row per configuration, column
-``config`` the row label) and returns plain numbers; ``analysis.formats``
-turns them into Markdown / LaTeX text and the CSVs hold them unrounded.
+Every function takes ``load_runs`` frames (one row per run; the runs of one
+configuration at several seeds share ``config``, the row label) and returns
+plain numbers, one row per configuration or comparison; the statistics come
+from ``analysis.effects``; ``analysis.formats`` turns tables into Markdown /
+LaTeX text and the CSVs hold them unrounded.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
-from core.config import NON_SEMANTIC_KEYS
-from core.data.pathologies import PATHOLOGIES
-from core.naming import AXES, SEARCH_AXES, short_name
+from analysis.contrasts import configurations, interaction_contrasts, main_effect_contrasts, negative_control
+from analysis.effects import Effect, Replicates, effects_frame, holm
+from analysis.readouts import DEFAULT_METRIC, other_readout, parse_metric, pathology_order
+from core.naming import short_name
 from core.registry import ConfigError, closest
 
 log = logging.getLogger(__name__)
@@ -23,7 +28,6 @@ log = logging.getLogger(__name__)
 METRICS = ("auroc", "f1", "precision", "recall", "auprc")
 EFFICIENCY_METRICS = ("params_total", "params_trainable", "gflops", "peak_memory_mb", "visual_fwd_ms",
                       "visual_bwd_ms", "step_ms")
-_AXIS_PARAMS = (*(f"params.model.{axis}" for axis in AXES), *(f"params.{key}" for key in SEARCH_AXES))
 
 
 def _metric(runs: pd.DataFrame, key: str) -> pd.Series:
@@ -70,150 +74,179 @@ def baseline_first(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return pd.concat([runs[is_base], runs[~is_base]], ignore_index=True)
 
 
-def performance_table(runs: pd.DataFrame, baseline: str, significance: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per configuration: each of ``METRICS`` with its ``_ci_low`` / ``_ci_high`` (NaN when not logged),
-    ``delta_auroc`` against the baseline, and the paired-bootstrap columns of ``significance`` when given.
+def _seed_interval(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    """Student's t interval of the mean over seeds (NaN with fewer than two)."""
+    if len(values) < 2:
+        return np.nan, np.nan
+    half = stats.t.ppf(1 - alpha / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
 
-    Values are the runs' final logged ``zeroshot_*`` metrics (first protocol).
+
+def _level(replicates: Replicates | None, config: str) -> Effect | None:
+    return replicates.level(config) if replicates is not None and config in replicates.mean else None
+
+
+def _summary(group: pd.DataFrame, key: str, replicates: Replicates | None = None) -> dict[str, float]:
+    """Mean, sd over seeds and 95 % CI of logged metric ``key`` for one configuration's runs.
+
+    One seed: the run's logged CI (its volume bootstrap). Several: the two-level bootstrap's CI (seeds and
+    volumes) when ``replicates`` hold the configuration, else Student's t over the seeds' values.
     """
-    table = pd.DataFrame({"config": runs["config"], "cell_id": runs["cell_id"], "run_id": runs["run_id"],
-                          "protocol": runs["protocol"]})
-    for metric in METRICS:
-        key = f"zeroshot_{metric}"
-        table[metric] = _metric(runs, key).to_numpy()
-        table[f"{metric}_ci_low"] = _metric(runs, f"{key}_ci_low").to_numpy()
-        table[f"{metric}_ci_high"] = _metric(runs, f"{key}_ci_high").to_numpy()
-    base_auroc = table.loc[table["config"] == baseline, "auroc"].iloc[0]
-    table["delta_auroc"] = table["auroc"] - base_auroc
-    if significance is not None and not significance.empty:
-        table = table.merge(significance, on="config", how="left")
+    values = _metric(group, key).dropna().to_numpy()
+    if len(values) == 0:
+        return {key: np.nan, f"{key}_sd": np.nan, f"{key}_ci_low": np.nan, f"{key}_ci_high": np.nan}
+    mean = float(values.mean())
+    if len(values) == 1:
+        low, high = _metric(group, f"{key}_ci_low").dropna(), _metric(group, f"{key}_ci_high").dropna()
+        low, high = (low.iloc[0], high.iloc[0]) if len(low) and len(high) else (np.nan, np.nan)
+    else:
+        level = _level(replicates, str(group["config"].iloc[0]))
+        if level is not None:  # the two-level CI, centred on the logged mean it describes
+            low, high = mean - (level.delta - level.ci_low), mean + (level.ci_high - level.delta)
+        else:
+            low, high = _seed_interval(values)
+    return {key: mean, f"{key}_sd": float(values.std(ddof=1)) if len(values) > 1 else np.nan,
+            f"{key}_ci_low": max(float(low), 0.0), f"{key}_ci_high": min(float(high), 1.0)}  # every metric is in [0, 1]
+
+
+def performance_table(runs: pd.DataFrame, baseline: str, metric: str = DEFAULT_METRIC,
+                      replicates: Mapping[str, Mapping[str, Replicates] | None] | None = None,
+                      comparisons: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per configuration (its seeds aggregated), baseline first.
+
+    Columns: config, n_seeds, seeds, cell_ids, run_ids, protocol; for each of ``METRICS`` of ``metric``'s
+    readout its mean over seeds, ``_sd``, ``_ci_low`` / ``_ci_high`` (see ``_summary``, cut to [0, 1]; NaN when
+    never logged);
+    the other readout's value of the same metric as ``<readout>_<metric>`` (+ ``_ci_low`` / ``_ci_high``);
+    ``delta`` = the configuration's mean ``metric`` − the baseline's; and the columns of ``comparisons``
+    (the two-level test against the baseline) when given. ``replicates`` maps readout → {metric name → its
+    two-level bootstrap} ({"zeroshot": {"auroc": ...}}).
+    """
+    readout, main = parse_metric(metric)
+    other = other_readout(readout)
+    replicates = replicates or {}
+    rows = []
+    for config, group in runs.groupby("config", sort=False):
+        row: dict[str, object] = {
+            "config": config, "n_seeds": len(group),
+            "seeds": ", ".join(str(s) for s in group.get("seed", pd.Series(dtype=object)).dropna()),
+            "cell_ids": "; ".join(group["cell_id"].astype(str)), "run_ids": "; ".join(group["run_id"].astype(str)),
+            "protocol": group["protocol"].iloc[0]}
+        for name in dict.fromkeys((*METRICS, main)):
+            summary = _summary(group, f"{readout}_{name}", (replicates.get(readout) or {}).get(name))
+            row.update({k.removeprefix(f"{readout}_"): v for k, v in summary.items()})
+        row.update(_summary(group, f"{other}_{main}", (replicates.get(other) or {}).get(main)))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    base_value = table.loc[table["config"] == baseline, main].iloc[0]
+    table["delta"] = table[main] - base_value
+    if comparisons is not None and not comparisons.empty:
+        table = table.merge(comparisons, on="config", how="left")
     return table
 
 
-def _wide(predictions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(labels, scores) as volume × pathology frames from the long ``zeroshot_predictions.csv``."""
-    labels = predictions.pivot(index="VolumeName", columns="pathology", values="label")
-    scores = predictions.pivot(index="VolumeName", columns="pathology", values="score")
-    return labels, scores
-
-
-def _pathology_order(names: list[str]) -> list[str]:
-    known = [p for p in PATHOLOGIES if p in names]
-    return known + [n for n in names if n not in known]
-
-
-def significance_table(runs: pd.DataFrame, baseline: str, predictions: Mapping[str, pd.DataFrame | None],
-                       n: int = 1000, seed: int = 0) -> tuple[pd.DataFrame | None, list[str]]:
-    """Paired bootstrap of macro AUROC, each configuration against the baseline on the same volumes.
-
-    Returns a frame (config, delta_auroc_ci_low, delta_auroc_ci_high, p_value,
-    delta_auroc_bootstrap, n_volumes) and notes on what was skipped and why.
-    Δ is configuration − baseline; the test is ``core.evaluate.paired_bootstrap``.
-    """
-    try:
-        from core.evaluate import paired_bootstrap
-    except ImportError as err:
-        note = f"significance not computed: core.evaluate.paired_bootstrap is unavailable ({err})"
-        log.info(note)
-        return None, [note]
-    if predictions.get(baseline) is None:
-        return None, [f"significance not computed: the baseline ({baseline}) has no zeroshot_predictions.csv"]
-    base_labels, base_scores = _wide(predictions[baseline])
-    notes, rows = [], []
-    for config in runs["config"]:
-        if config == baseline:
-            continue
-        if predictions.get(config) is None:
-            notes.append(f"no significance for {config}: the run has no zeroshot_predictions.csv")
-            continue
-        labels, scores = _wide(predictions[config])
-        volumes = base_labels.index.intersection(labels.index)
-        columns = _pathology_order([c for c in base_labels.columns if c in labels.columns])
-        if len(volumes) == 0 or not columns:
-            notes.append(f"no significance for {config}: no volume/pathology in common with the baseline")
-            continue
-        y = base_labels.loc[volumes, columns]
-        if not y.equals(labels.loc[volumes, columns]):
-            notes.append(f"no significance for {config}: its labels differ from the baseline's on the same volumes "
-                         "(different evaluation sets)")
-            continue
-        columns = [c for c in columns if y[c].nunique() == 2]  # one-class pathologies are out of every macro mean
-        y = y[columns]
-        result = paired_bootstrap(y.to_numpy(float), scores.loc[volumes, columns].to_numpy(float),
-                                  base_scores.loc[volumes, columns].to_numpy(float), metric="auroc", n=n, seed=seed)
-        logged = _metric(runs, "zeroshot_auroc")
-        logged_delta = logged[runs["config"] == config].iloc[0] - logged[runs["config"] == baseline].iloc[0]
-        if abs(result["delta"] - logged_delta) > 1e-6:
-            notes.append(f"{config}: Δ AUROC from zeroshot_predictions.csv ({result['delta']:+.4f}) differs from "
-                         f"the logged metrics' difference ({logged_delta:+.4f}); the table shows the former, "
-                         "which its CI and p belong to")
-        rows.append({"config": config, "delta_auroc_ci_low": result["ci_low"],
-                     "delta_auroc_ci_high": result["ci_high"], "p_value": result["p_value"],
-                     "delta_auroc_bootstrap": result["delta"], "n_volumes": len(volumes)})
-    return (pd.DataFrame(rows) if rows else None), notes
+def comparison_table(replicates: Replicates | None, contrasts: list[dict]) -> pd.DataFrame:
+    """The two-level test of each configuration against the baseline: config, delta_bootstrap (Δ of the
+    predictions the test resamples), delta_ci_low / delta_ci_high, p_value, p_adj (Holm over these rows),
+    mde, df. Configurations without replicates are left out."""
+    if replicates is None:
+        return pd.DataFrame()
+    usable = [c for c in contrasts if all(k in replicates.mean for k in c["weights"])]
+    frame = effects_frame(replicates, usable)
+    if frame.empty:
+        return frame
+    return frame.rename(columns={"delta": "delta_bootstrap", "ci_low": "delta_ci_low", "ci_high": "delta_ci_high"})[
+        ["config", "delta_bootstrap", "delta_ci_low", "delta_ci_high", "p_value", "p_adj", "mde", "df"]]
 
 
 def per_pathology_table(runs: pd.DataFrame, per_label: Mapping[str, pd.DataFrame | None],
                         metric: str = "auroc") -> pd.DataFrame:
-    """Configurations × pathologies of ``metric`` from each run's ``zeroshot_per_label.csv`` (its first protocol).
+    """Configurations × pathologies of ``metric`` from each run's ``zeroshot_per_label.csv`` (its first
+    protocol), averaged over a configuration's seeds. ``per_label`` maps run id → frame.
 
-    Configurations without the artifact are left out; pathologies keep CT-RATE's order.
+    Runs without the artifact are left out; pathologies keep CT-RATE's order.
     """
-    rows = {}
-    for config, protocol in zip(runs["config"], runs["protocol"], strict=True):
-        frame = per_label.get(config)
+    values: dict[str, list[pd.Series]] = {}
+    for run_id, config, protocol in zip(runs["run_id"], runs["config"], runs["protocol"], strict=True):
+        frame = per_label.get(run_id)
         if frame is None:
             continue
         if "protocol" in frame and protocol in set(frame["protocol"]):
             frame = frame[frame["protocol"] == protocol]
-        rows[config] = frame.drop_duplicates("pathology").set_index("pathology")[metric].astype(float)
+        values.setdefault(config, []).append(
+            frame.drop_duplicates("pathology").set_index("pathology")[metric].astype(float))
+    rows = {config: pd.concat(series, axis=1).mean(axis=1) for config, series in values.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
-    table = table[_pathology_order(list(table.columns))] if not table.empty else table
+    table = table[pathology_order(list(table.columns))] if not table.empty else table
     table.index.name = "config"
     return table
 
 
-def _context_columns(runs: pd.DataFrame) -> list[str]:
-    """Columns that must be equal for two runs to be a matched pair: every component plus every other
-    param that varies across the matrix and changes results (not paths, names or logging settings)."""
-    varying = [c for c in runs.columns if c.startswith("params.") and c not in _AXIS_PARAMS
-               and not c[len("params."):].startswith(NON_SEMANTIC_KEYS) and runs[c].nunique(dropna=False) > 1]
-    return [f"component.{axis}" for axis in AXES] + varying
+def _config_means(runs: pd.DataFrame, metric: str) -> pd.Series:
+    """Each configuration's mean over seeds of logged ``metric``."""
+    return _metric(runs, metric).groupby(runs["config"].to_numpy(), sort=False).mean()
 
 
-def effect_table(runs: pd.DataFrame, baseline: str, metric: str = "auroc") -> pd.DataFrame:
-    """Per-component effect: for each axis that varies, the mean Δ ``metric`` of each value against the
-    baseline's value over matched cells (cells identical except on that axis).
+def _tested(replicates: Replicates | None, contrast: dict) -> dict[str, float]:
+    if replicates is None or not contrast["weights"] or any(c not in replicates.mean for c in contrast["weights"]):
+        return {}
+    return replicates.contrast(contrast["weights"]).as_dict()
 
-    Columns: axis, baseline_value, value, mean_delta, min_delta, max_delta, n_pairs.
+
+def _with_holm(frame: pd.DataFrame) -> pd.DataFrame:
+    if "p_value" in frame:
+        frame["p_adj"] = holm(frame["p_value"])
+    return frame
+
+
+def effect_table(runs: pd.DataFrame, baseline: str, metric: str = DEFAULT_METRIC,
+                 replicates: Replicates | None = None) -> pd.DataFrame:
+    """Per-component main effect: for each axis that varies, each value against the baseline's value, the mean
+    over matched cells (identical except on that axis; seeds are replicates, not cells) of Δ ``metric``.
+
+    Columns: axis, baseline_value, value, mean_delta (of the logged seed means), min_delta / max_delta (over
+    the matched pairs), n_pairs; with ``replicates`` also the two-level test of the same contrast (delta,
+    se, df, ci_low, ci_high, p_value, mde, n_seeds) and p_adj (Holm over the table's rows).
     """
-    values = _metric(runs, f"zeroshot_{metric}")
-    base_row = runs.loc[runs["config"] == baseline].iloc[0]
-    context = _context_columns(runs)
-    filled = runs[context].fillna("").astype(str)
+    means = _config_means(runs, metric)
     rows = []
-    for axis in AXES:
-        column = f"component.{axis}"
-        if runs[column].nunique() < 2:
-            continue
-        base_value = base_row[column]
-        others = [c for c in context if c != column]
-        groups = filled.groupby(others, sort=False).groups.values()
-        for value in dict.fromkeys(runs[column]):
-            if value == base_value:
-                continue
-            deltas = []
-            for index in groups:
-                group = runs.loc[index]
-                on_base, on_value = values[index][group[column] == base_value], values[index][group[column] == value]
-                if len(on_base) and len(on_value):
-                    deltas.append(float(on_value.mean() - on_base.mean()))
-            rows.append({"axis": axis, "baseline_value": base_value, "value": value,
-                         "mean_delta": float(np.mean(deltas)) if deltas else np.nan,
-                         "min_delta": min(deltas, default=np.nan), "max_delta": max(deltas, default=np.nan),
-                         "n_pairs": len(deltas)})
+    for contrast in main_effect_contrasts(configurations(runs), baseline):
+        deltas = [float(means[a] - means[b]) for a, b in contrast["pairs"]]
+        deltas = [d for d in deltas if not np.isnan(d)]
+        rows.append({"axis": contrast["axis"], "baseline_value": contrast["baseline_value"],
+                     "value": contrast["value"], "mean_delta": float(np.mean(deltas)) if deltas else np.nan,
+                     "min_delta": min(deltas, default=np.nan), "max_delta": max(deltas, default=np.nan),
+                     "n_pairs": contrast["n_pairs"], **_tested(replicates, contrast)})
     columns = ["axis", "baseline_value", "value", "mean_delta", "min_delta", "max_delta", "n_pairs"]
-    return pd.DataFrame(rows, columns=columns)
+    return _with_holm(pd.DataFrame(rows, columns=None if rows else columns))
+
+
+def interaction_table(runs: pd.DataFrame, baseline: str, metric: str = DEFAULT_METRIC,
+                      replicates: Replicates | None = None) -> pd.DataFrame:
+    """Two-way interactions (``analysis.contrasts.interaction_contrasts``): axis_a, value_a, baseline_a, axis_b,
+    value_b, baseline_b, n_sets, mean (of the logged seed means), and with ``replicates`` the two-level test and
+    p_adj (Holm over the table's rows)."""
+    means = _config_means(runs, metric)
+    rows = []
+    for contrast in interaction_contrasts(configurations(runs), baseline):
+        logged = float(sum(w * means[c] for c, w in contrast["weights"].items()))
+        rows.append({**{k: v for k, v in contrast.items() if k != "weights"}, "mean_delta": logged,
+                     **_tested(replicates, contrast)})
+    return _with_holm(pd.DataFrame(rows))
+
+
+def control_check(runs: pd.DataFrame, replicates: Replicates | None) -> dict | None:
+    """The built-in negative control: SDPA vs standard attention (the same math) over matched cells.
+
+    None when the matrix has no such pair; else axis, baseline_value, value, n_pairs, and, when tested,
+    the two-level Δ with its CI and ``passed`` (the 95 % CI contains 0). Untested: ``passed`` is None.
+    """
+    contrast = negative_control(configurations(runs))
+    if contrast is None:
+        return None
+    tested = _tested(replicates, contrast)
+    passed = bool(tested["ci_low"] <= 0 <= tested["ci_high"]) if tested else None
+    return {k: v for k, v in contrast.items() if k not in ("weights", "pairs")} | tested | {"passed": passed}
 
 
 def effect_name(row: pd.Series) -> str:

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from analysis.figures import looks
 from analysis.formats import latex_escape, latex_table, markdown_table, performance_display
@@ -28,7 +29,10 @@ def _runs(rows: list[dict]) -> pd.DataFrame:
         record.update({f"component.{a}": values[a] for a in AXES})
         record.update({f"metrics.{k}": v for k, v in row.get("metrics", {}).items()})
         records.append(record)
-    return pd.DataFrame(records)
+    frame = pd.DataFrame(records)
+    repeated = frame["config"].duplicated(keep=False)  # distinct configurations, as load_runs labels them
+    frame.loc[repeated, "config"] = frame.loc[repeated, "config"] + " [" + frame.loc[repeated, "cell_id"] + "]"
+    return frame
 
 
 @pytest.mark.parametrize(("params", "label"), [
@@ -91,17 +95,47 @@ def test_performance_table_and_display() -> None:
              "metrics": {"zeroshot_auroc": 0.62, "zeroshot_f1": 0.47}}]
     runs = _runs(rows)
     table = performance_table(runs, "SA+GELU+LN, softmax")
-    assert table["delta_auroc"].tolist() == pytest.approx([0.0, 0.02])
+    assert table["delta"].tolist() == pytest.approx([0.0, 0.02])
+    assert table["n_seeds"].tolist() == [1, 1]
     assert table["recall"].isna().all()  # never logged → NaN, never invented
     shown = performance_display(table, "SA+GELU+LN, softmax")
     assert shown.loc[0, "AUROC"] == "0.600 [0.550, 0.650]" and shown.loc[1, "AUROC"] == "0.620"
     assert shown.loc[0, "Recall"] == "–" and shown.loc[0, "Δ AUROC"] == "baseline"
-    assert shown.loc[1, "Δ AUROC"] == "+0.020" and "p" not in shown
-    significance = pd.DataFrame({"config": ["SA+GELU+LN, sigmoid"], "delta_auroc_ci_low": [-0.01],
-                                 "delta_auroc_ci_high": [0.05], "p_value": [0.0004],
-                                 "delta_auroc_bootstrap": [0.021], "n_volumes": [30]})
-    shown = performance_display(performance_table(runs, "SA+GELU+LN, softmax", significance), "SA+GELU+LN, softmax")
+    assert shown.loc[1, "Δ AUROC"] == "+0.020" and "p" not in shown and shown.loc[1, "Seeds"] == "1"
+    assert "Probe AUROC" not in shown  # no run logged the probe readout
+    comparisons = pd.DataFrame({"config": ["SA+GELU+LN, sigmoid"], "delta_ci_low": [-0.01],
+                                "delta_ci_high": [0.05], "p_value": [0.0004], "p_adj": [0.0012],
+                                "delta_bootstrap": [0.021]})
+    shown = performance_display(performance_table(runs, "SA+GELU+LN, softmax", comparisons=comparisons),
+                                "SA+GELU+LN, softmax")
     assert shown.loc[1, "Δ AUROC"] == "+0.021 [-0.010, +0.050]" and shown.loc[1, "p"] == "<0.001"
+    assert shown.loc[1, "p (Holm)"] == "0.001"
+
+
+def test_seeds_of_a_configuration_are_aggregated() -> None:
+    """Two seeds of each configuration: one row each, mean and sd over seeds, a t interval over the seeds
+    when no predictions are at hand, and the probe readout beside the zero-shot one."""
+    rows = [{"attention": "standard", "mlp": "gelu", "norm": "layernorm", "loss": loss,
+             "metrics": {"zeroshot_auroc": auroc, "probe_auroc": probe}}
+            for loss, auroc, probe in (("clip", 0.60, 0.80), ("clip", 0.64, 0.84), ("siglip", 0.70, 0.90),
+                                       ("siglip", 0.66, 0.86))]
+    runs = _runs(rows)
+    runs["config"] = runs["config"].str.replace(r" \[cell\d\]", "", regex=True)  # seeds share the label
+    table = performance_table(runs, "SA+GELU+LN, softmax").set_index("config")
+    assert table["n_seeds"].tolist() == [2, 2]
+    assert table.loc["SA+GELU+LN, softmax", "auroc"] == pytest.approx(0.62)
+    assert table.loc["SA+GELU+LN, softmax", "auroc_sd"] == pytest.approx(np.std([0.60, 0.64], ddof=1))
+    half = stats.t.ppf(0.975, 1) * np.std([0.60, 0.64], ddof=1) / np.sqrt(2)
+    assert (table.loc["SA+GELU+LN, softmax", "auroc_ci_low"], table.loc["SA+GELU+LN, softmax", "auroc_ci_high"]) \
+        == pytest.approx((0.62 - half, 0.62 + half))
+    assert table.loc["SA+GELU+LN, sigmoid", "delta"] == pytest.approx(0.06)
+    assert table.loc["SA+GELU+LN, sigmoid", "probe_auroc"] == pytest.approx(0.88)
+    shown = performance_display(table.reset_index(), "SA+GELU+LN, softmax")
+    assert shown.loc[1, "Probe AUROC"].startswith("0.880 [") and shown.loc[1, "Seeds"] == "2"
+    probe = performance_table(runs, "SA+GELU+LN, softmax", metric="probe_auroc").set_index("config")
+    assert probe.loc["SA+GELU+LN, sigmoid", "auroc"] == pytest.approx(0.88)  # the main readout is the probe
+    assert probe.loc["SA+GELU+LN, sigmoid", "zeroshot_auroc"] == pytest.approx(0.68)
+    assert probe.loc["SA+GELU+LN, sigmoid", "delta"] == pytest.approx(0.06)
 
 
 def test_choose_baseline() -> None:

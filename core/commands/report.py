@@ -17,7 +17,8 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small CSV is only noise
     uri = args.tracking_uri or resolve_uri(None)
     out = Path(args.out) if args.out else Path("reports") / args.matrix
-    report = build_report(uri, args.matrix, out, baseline=args.baseline, bootstrap=args.bootstrap)
+    report = build_report(uri, args.matrix, out, baseline=args.baseline, bootstrap=args.bootstrap,
+                          metric=args.metric)
     print(f"report for matrix {args.matrix} ({len(report.run_ids)} runs from {uri}): {report.path}")
     for name, paths in report.tables.items():
         print(f"  table {name}: {', '.join(str(p) for p in paths.values())}")
@@ -50,8 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--baseline", metavar="CELL_LABEL",
                         help='configuration that deltas and speed-ups compare against, e.g. "SA+GELU+LN, softmax" '
                              "(default: the matrix YAML's baseline, else the one closest to CT-CLIP's components)")
+    parser.add_argument("--metric", default="zeroshot_auroc",
+                        help="main metric of the tables, tests and findings: <readout>_<metric>, readout zeroshot "
+                             "or probe, metric auroc, auprc, f1, precision, recall or accuracy (default "
+                             "zeroshot_auroc; e.g. probe_auroc)")
     parser.add_argument("--bootstrap", type=int, default=1000,
-                        help="resamples in each paired significance test against the baseline (default 1000)")
+                        help="two-level bootstrap resamples (seeds, then validation volumes) behind every CI and "
+                             "p-value (default 1000)")
     parser.add_argument("--no-log", dest="log_to_parent", action="store_false",
                         help="write the files only; by default the report, tables, figures and headline metrics are "
                              "also logged to the matrix's parent run in MLflow")
