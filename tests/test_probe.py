@@ -140,3 +140,33 @@ def test_probe_config_defaults_and_typos():
         load_config(None, ["eval.probe.dropout=1.5"])
     with pytest.raises(ConfigError, match="balanced"):
         load_config(None, ["eval.probe.class_weight=balance"])
+
+
+def test_probe_embeddings_are_eval_mode_no_grad_and_follow_the_runs_autocast():
+    from torch.utils.data import DataLoader
+
+    from core.data.dataset import collate
+    from core.model import build_model
+    from core.probe import embed_images
+    from core.train import autocast_for
+
+    cfg = load_config(None, ["model.preset=tiny", "data.target_shape=[16,32,32]", "model.text_encoder=tiny-random",
+                             "model.encoder_args={patch: 8, temporal_patch: 4}", "model.latent_dim=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    items = [{"volume": torch.rand(1, 16, 32, 32, generator=g) * 2 - 1, "text": "", "labels": torch.ones(K) * (i % 2),
+              "name": f"train_{i}"} for i in range(6)]
+    loader = DataLoader(items, batch_size=4, collate_fn=collate)
+    out = embed_images(model, loader, "cpu")
+    assert model.training  # the caller's mode is restored
+    assert out["image_emb"].shape == (6, 32) and not out["image_emb"].requires_grad
+    assert out["names"] == [f"train_{i}" for i in range(6)] and out["labels"][:, 0].tolist() == [0, 1] * 3
+    with torch.no_grad():
+        expected = model.eval().encode_image(torch.stack([item["volume"] for item in items]))
+    torch.testing.assert_close(out["image_emb"], expected, atol=1e-5, rtol=1e-4)
+    with autocast_for("bf16", torch.device("cpu")):
+        low = embed_images(model, loader, "cpu")["image_emb"]
+    assert low.dtype == torch.float32 and not torch.equal(low, out["image_emb"])  # computed in bf16, returned fp32
+    cosine = (low * out["image_emb"]).sum(-1)  # unit vectors: the same embeddings up to bf16 rounding
+    assert (cosine > 0.95).all(), cosine
