@@ -170,3 +170,12 @@ def test_probe_embeddings_are_eval_mode_no_grad_and_follow_the_runs_autocast():
     assert low.dtype == torch.float32 and not torch.equal(low, out["image_emb"])  # computed in bf16, returned fp32
     cosine = (low * out["image_emb"]).sum(-1)  # unit vectors: the same embeddings up to bf16 rounding
     assert (cosine > 0.95).all(), cosine
+
+
+def test_probe_settings_keep_the_config_id():
+    """The probe reads out a trained model: its settings share the run's checkpoint folder and matrix cell."""
+    from core.config import config_id
+
+    base = load_config(None)
+    assert config_id(load_config(None, ["eval.probe.lr=0.5", "eval.probe.enabled=false"])) == config_id(base)
+    assert config_id(load_config(None, ["eval.bootstrap=10"])) != config_id(base)
