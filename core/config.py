@@ -144,8 +144,30 @@ class TrainConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The linear probe every training run fits at its end on frozen image embeddings (core/probe.py).
+
+    Defaults are CT-CLIP's CT-LiPro settings; the deviations (lr, warm-up
+    fraction, ``min_steps``, ``standardize``) and why are in core/probe.py.
+    """
+
+    enabled: bool = True
+    epochs: int = 10
+    min_steps: int = 1000  # at least this many optimizer steps (more epochs on a small split)
+    batch_size: int = 8
+    lr: float = 1e-2  # on standardised features; CT-CLIP: 1e-5 (README) / 1e-3 (args.py) on raw unit latents
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.2  # of the probe's steps, linear warm-up then cosine to 0
+    dropout: float = 0.3
+    relu: bool = True  # CT-CLIP's ReLU on the latent before the linear layer (false: a plain linear probe)
+    grad_clip: float | None = 1.0
+    class_weight: Literal["balanced", "none"] = "balanced"  # balanced: pos_weight = negatives / positives
+    standardize: bool = True  # standardise the ReLU'd features (false: CT-CLIP's head exactly)
+
+
+@dataclass
 class EvalConfig:
-    """Zero-shot evaluation, retrieval and confidence intervals."""
+    """Zero-shot evaluation, retrieval, confidence intervals and the linear probe."""
 
     split: str = "valid"
     protocols: list[str] = field(default_factory=lambda: ["ctclip", "fixed0.5"])  # core.metrics THRESHOLDS
@@ -154,6 +176,7 @@ class EvalConfig:
     bootstrap: int = 1000
     ci: float = 0.95
     retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 @dataclass
@@ -292,6 +315,13 @@ def validate(cfg: Config) -> Config:
         (0.0 < cfg.eval.ci < 1.0, "eval.ci: must be in (0, 1), e.g. 0.95"),
         (cfg.tracking.system_metrics_interval_s > 0,
          "tracking.system_metrics_interval_s: must be > 0 (turn sampling off with tracking.system_metrics=false)"),
+        (cfg.eval.probe.epochs >= 1, "eval.probe.epochs: must be >= 1"),
+        (cfg.eval.probe.min_steps >= 0, "eval.probe.min_steps: must be >= 0"),
+        (cfg.eval.probe.batch_size >= 1, "eval.probe.batch_size: must be >= 1"),
+        (cfg.eval.probe.lr > 0, "eval.probe.lr: must be > 0"),
+        (cfg.eval.probe.weight_decay >= 0, "eval.probe.weight_decay: must be >= 0"),
+        (0.0 <= cfg.eval.probe.warmup_fraction < 1.0, "eval.probe.warmup_fraction: must be in [0, 1), e.g. 0.2"),
+        (0.0 <= cfg.eval.probe.dropout < 1.0, "eval.probe.dropout: must be in [0, 1), e.g. 0.3"),
         (len(cfg.eval.protocols) >= 1, "eval.protocols: name at least one protocol, e.g. [ctclip]"),
         (cfg.model.latent_dim >= 1, "model.latent_dim: must be >= 1"),
     ]
@@ -385,10 +415,12 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Keys that change where or how a run is logged or fed, never what it computes.
+# Keys that change where or how a run is logged or fed, never what it trains (the probe reads out a trained model,
+# so runs differing only in eval.probe share a checkpoint folder and a matrix cell).
 NON_SEMANTIC_KEYS = ("name", "tracking.", "train.output_dir", "train.log_every", "train.checkpoint_every",
                       "data.root", "data.cache_dir", "data.num_workers", "data.pin_memory", "data.prefetch_factor",
-                      "data.persistent_workers", "train.device", "eval.every_epoch", "model.sdpa_backend")
+                      "data.persistent_workers", "train.device", "eval.every_epoch", "model.sdpa_backend",
+                      "eval.probe.")
 
 
 def config_id(cfg: Config, length: int = 12) -> str:

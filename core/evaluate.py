@@ -1,4 +1,4 @@
-"""Zero-shot classification (CT-CLIP protocol), retrieval, the linear probe and the ROC figure.
+"""Zero-shot classification (CT-CLIP protocol), retrieval and the ROC figure (the linear probe: core/probe.py).
 
 Zero-shot follows CT-CLIP's ``scripts/zero_shot.py``: for each pathology the
 two prompts "{pathology} is present." / "{pathology} is not present." are
@@ -48,8 +48,6 @@ PROMPTS = ("{} is present.", "{} is not present.")
 __all__ = [
     "PROMPTS",
     "EvalResult",
-    "ProbeHead",
-    "ProbeResult",
     "bootstrap_ci",
     "classification_metrics",
     "delong_test",
@@ -61,7 +59,6 @@ __all__ = [
     "predictions_frame",
     "prompt_embeddings",
     "retrieval_recall",
-    "train_probe",
     "zero_shot_scores",
 ]
 
@@ -201,6 +198,7 @@ class EvalResult:
     labels: np.ndarray = field(repr=False)
     names: list[str] = field(repr=False)
     pathologies: list[str] = field(default_factory=lambda: list(PATHOLOGIES), repr=False)
+    image_emb: torch.Tensor | None = field(default=None, repr=False)  # (N, latent), reused by the linear probe
 
     def write_artifacts(self, folder: str | Path) -> list[Path]:
         """Write ``zeroshot_per_label.csv``, ``zeroshot_predictions.csv`` and ``roc.png`` into ``folder``."""
@@ -246,98 +244,7 @@ def evaluate_zero_shot(
                                       cfg.ci, seed)
     metrics.update(retrieval_recall(emb["image_emb"], emb["text_emb"], cfg.retrieval_ks))
     return EvalResult(metrics, per_label, predictions_frame(emb["names"], PATHOLOGIES, scores, labels),
-                      scores, labels, list(emb["names"]))
-
-
-# --------------------------------------------------------------------------- linear probe
-
-
-class ProbeHead(nn.Module):
-    """Multi-label linear head on image features, with a fixed feature standardisation in front.
-
-    ``mean`` / ``std`` are buffers (identity until ``fit_normalization``), so
-    the head is batch-size independent and also serves as a fine-tuning head.
-    """
-
-    def __init__(self, in_dim: int, n_labels: int = len(PATHOLOGIES)) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(in_dim))
-        self.register_buffer("std", torch.ones(in_dim))
-        self.linear = nn.Linear(in_dim, n_labels)
-
-    @torch.no_grad()
-    def fit_normalization(self, features: torch.Tensor) -> None:
-        """Standardise inputs with the per-feature mean and std of ``features`` (N, in_dim)."""
-        self.mean.copy_(features.mean(0))
-        self.std.copy_(features.std(0).clamp(min=1e-6))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, in_dim) features → (B, n_labels) logits."""
-        return self.linear((features - self.mean) / self.std)
-
-
-@dataclass
-class ProbeResult:
-    """A trained probe, its validation P(present) (N, K), ``probe_*`` metrics and per-label rows."""
-
-    head: ProbeHead
-    scores: np.ndarray
-    metrics: dict[str, float]
-    per_label: pd.DataFrame
-
-
-def train_probe(
-    features_train: Any,
-    labels_train: Any,
-    features_valid: Any,
-    labels_valid: Any,
-    *,
-    epochs: int = 100,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    batch_size: int = 256,
-    protocols: Sequence[str] = ("ctclip",),
-    names: Sequence[str] = PATHOLOGIES,
-    bootstrap: int = 0,
-    ci: float = 0.95,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-) -> ProbeResult:
-    """Train a ``ProbeHead`` with BCEWithLogits on frozen features and score the validation set.
-
-    The weights start at zero and the bias at the training log-odds of each
-    label (the problem is convex, so the start only speeds it up); batches are
-    shuffled by a seeded generator, so a seed gives the same probe. Metrics
-    are named ``probe_auroc``, ``probe_f1``, ``probe_f1_<protocol>``, ...
-    """
-    x_train = torch.as_tensor(features_train, dtype=torch.float32, device=device)
-    y_train = torch.as_tensor(labels_train, dtype=torch.float32, device=device)
-    x_valid = torch.as_tensor(features_valid, dtype=torch.float32, device=device)
-    y_valid = np.asarray(labels_valid, dtype=np.float64)
-    if x_train.ndim != 2 or y_train.shape != (x_train.shape[0], len(names)) or x_valid.shape[1] != x_train.shape[1]:
-        raise ValueError(f"probe inputs: features_train {tuple(x_train.shape)}, labels_train {tuple(y_train.shape)} "
-                         f"and features_valid {tuple(x_valid.shape)} must be (N, D), (N, {len(names)}), (M, D)")
-    head = ProbeHead(x_train.shape[1], y_train.shape[1]).to(device)
-    head.fit_normalization(x_train)
-    with torch.no_grad():
-        nn.init.zeros_(head.linear.weight)
-        prior = y_train.mean(0).clamp(1e-4, 1 - 1e-4)
-        head.linear.bias.copy_(torch.log(prior / (1 - prior)))
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss()
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(x_train), generator=generator).split(batch_size):
-            batch = batch.to(device)
-            loss = loss_fn(head(x_train[batch]), y_train[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    head.eval()
-    with torch.no_grad():
-        scores = torch.sigmoid(head(x_valid)).cpu().double().numpy()
-    metrics, per_label = metric_table(y_valid, scores, protocols, names, "probe", bootstrap, ci, seed)
-    return ProbeResult(head, scores, metrics, per_label)
+                      scores, labels, list(emb["names"]), image_emb=emb["image_emb"])
 
 
 # --------------------------------------------------------------------------- figure

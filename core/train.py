@@ -3,7 +3,8 @@
 Read top to bottom: set up (ranks, seed, data, model, optimizer, schedule),
 maybe resume from the last checkpoint, then for each epoch: batches →
 forward → loss → backward → clip → step → log, checkpointing every N steps;
-zero-shot evaluation after each epoch and at the end. A non-finite loss stops
+zero-shot evaluation after each epoch and at the end, then once the linear-probe
+readout (core/probe.py) on frozen image embeddings. A non-finite loss stops
 the run with status FAILED and the reason; Ctrl-C leaves it KILLED and
 resumable. Under torchrun every rank trains, rank 0 alone logs and saves.
 """
@@ -144,11 +145,30 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def autocast_for(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context of ``train.precision`` on ``device`` (disabled for fp32)."""
+    dtype = PRECISION[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def evaluate_epoch(model: CLIPModel, loader: DataLoader, cfg: Config, device: torch.device) -> Any:
-    """Zero-shot evaluation on the validation split (rank 0)."""
+    """Zero-shot evaluation on the validation split (rank 0), under the run's autocast precision."""
     from core.evaluate import evaluate_zero_shot
 
-    return evaluate_zero_shot(model, loader, cfg.eval, device)
+    with autocast_for(cfg.train.precision, device):
+        return evaluate_zero_shot(model, loader, cfg.eval, device)
+
+
+def probe_readout_final(model: CLIPModel, train_set: Any, valid: Any, cfg: Config, device: torch.device,
+                        progress: bool = False) -> Any:
+    """The linear-probe readout (rank 0, once at the end): the train split embedded in order with the eval
+    batch size and the run's autocast precision, the probe fitted in fp32 and scored on ``valid``'s embeddings."""
+    from core.data.dataset import collate
+    from core.probe import probe_readout
+
+    loader = make_loader(train_set, cfg.data, cfg.eval.batch_size, collate, None, device)
+    with autocast_for(cfg.train.precision, device):
+        return probe_readout(model, loader, valid, cfg.eval, device, seed=cfg.train.seed, progress=progress)
 
 
 def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
@@ -307,7 +327,12 @@ def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
             if not metrics:
                 result = evaluate_epoch(model, valid_loader, cfg, device)
                 metrics = result.metrics
-            log_final_artifacts(tracker, result, ckpt_path)
+            probe = None
+            if cfg.eval.probe.enabled:
+                probe = probe_readout_final(model, train_set, result, cfg, device, progress)
+                tracker.log_metrics(probe.metrics, step=position.epoch)
+                metrics = {**metrics, **probe.metrics}
+            log_final_artifacts(tracker, result, ckpt_path, probe)
         tracker.finish()
     except StopTraining as stop:
         tracker.set_tags({"stop_reason": str(stop)})
@@ -326,13 +351,16 @@ def train(cfg: Config, resume: bool = False, parent_run_id: str | None = None,
                        metrics)
 
 
-def log_final_artifacts(tracker: Tracker, result: Any, ckpt_path: Path) -> None:
-    """Per-label metrics, predictions, the ROC figure and the final checkpoint."""
+def log_final_artifacts(tracker: Tracker, result: Any, ckpt_path: Path, probe: Any = None) -> None:
+    """Per-label metrics, predictions (zero-shot, and the probe's when it ran), the ROC figure and the checkpoint."""
     from core.data import PATHOLOGIES
     from core.evaluate import plot_roc
 
     tracker.log_dataframe(result.per_label, "zeroshot_per_label.csv")
     tracker.log_dataframe(result.predictions, "zeroshot_predictions.csv")
+    if probe is not None:
+        tracker.log_dataframe(probe.per_label, "probe_per_label.csv")
+        tracker.log_dataframe(probe.predictions, "probe_predictions.csv")
     with tempfile.TemporaryDirectory() as tmp:
         tracker.log_artifact(plot_roc(result.labels, result.scores, PATHOLOGIES, Path(tmp) / "roc.png"))
     tracker.log_artifact(ckpt_path, "checkpoints")

@@ -205,3 +205,7 @@ def test_torchrun_training_equals_one_process_and_resumes(tmp_path):
     losses = {**before, **resumed}
     for step, value in reference.items():
         assert losses[step] == pytest.approx(value, abs=1e-5), f"step {step}: 2 ranks {losses[step]}, 1 process {value}"
+    probe = MlflowClient(f"sqlite:///{tmp_path}/ddp.db").get_metric_history(run.info.run_id, "probe_auroc")
+    assert len(probe) == 1  # the linear probe: rank 0, once, at the end of the resumed run
+    single_probe = _run(tmp_path, "single").data.metrics["probe_auroc"]
+    assert probe[0].value == pytest.approx(single_probe, abs=0.02)  # the same model, up to float noise

@@ -8,12 +8,10 @@ from torch.utils.data import DataLoader
 from core.config import EvalConfig, load_config
 from core.data import PATHOLOGIES
 from core.evaluate import (
-    ProbeHead,
     embed_dataset,
     evaluate_zero_shot,
     plot_roc,
     prompt_embeddings,
-    train_probe,
     zero_shot_scores,
 )
 from core.model import build_model
@@ -141,45 +139,6 @@ def test_evaluate_zero_shot_without_bootstrap_has_no_cis(model, loader):
 def test_empty_loader_is_explained(model):
     with pytest.raises(ValueError, match="no batches"):
         embed_dataset(model, [], "cpu")
-
-
-def _probe_data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    features = torch.randn(n, 16, generator=g) * 3 + 5  # unstandardised on purpose
-    direction = torch.randn(16, 18, generator=torch.Generator().manual_seed(99))
-    labels = ((features - 5) @ direction > 0).float()
-    return features, labels
-
-
-def test_probe_learns_a_linear_rule():
-    x_train, y_train = _probe_data(400, 0)
-    x_valid, y_valid = _probe_data(200, 1)
-    out = train_probe(x_train, y_train, x_valid, y_valid, epochs=60, lr=1e-2, protocols=["ctclip", "fixed0.5"])
-    assert out.scores.shape == (200, 18) and ((out.scores >= 0) & (out.scores <= 1)).all()
-    assert {"probe_auroc", "probe_auprc", "probe_f1", "probe_precision", "probe_recall", "probe_accuracy",
-            "probe_f1_fixed0.5"} <= set(out.metrics)
-    assert out.metrics["probe_auroc"] > 0.95
-    assert out.metrics["probe_accuracy_fixed0.5"] > 0.85
-    again = train_probe(x_train, y_train, x_valid, y_valid, epochs=60, lr=1e-2, protocols=["ctclip", "fixed0.5"])
-    np.testing.assert_array_equal(out.scores, again.scores)
-
-
-def test_probe_head_standardises_its_input():
-    head = ProbeHead(4, 3)
-    features = torch.randn(50, 4) * torch.tensor([1.0, 10.0, 100.0, 0.1]) + 7
-    head.fit_normalization(features)
-    with torch.no_grad():
-        head.linear.weight.copy_(torch.eye(3, 4))
-        head.linear.bias.zero_()
-        z = head(features)
-    torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(z.std(0), torch.ones(3), atol=1e-5, rtol=0)
-    assert set(dict(head.named_buffers())) == {"mean", "std"}  # saved with the checkpoint
-
-
-def test_probe_rejects_mismatched_inputs():
-    with pytest.raises(ValueError, match="probe inputs"):
-        train_probe(torch.zeros(10, 4), torch.zeros(10, 3), torch.zeros(5, 4), torch.zeros(5, 3))
 
 
 def test_plot_roc_writes_a_readable_figure(tmp_path):

@@ -62,6 +62,38 @@ def test_run_logs_params_metrics_and_artifacts(synthetic, tmp_path):
     assert list(predictions.columns) == ["VolumeName", "pathology", "score", "label"]
     assert len(predictions) == 8 * len(PATHOLOGIES)
 
+    # the linear-probe readout: logged once, at the last epoch, with the zero-shot metric names and files
+    probe_auroc = client.get_metric_history(result.run_id, "probe_auroc")
+    assert [m.step for m in probe_auroc] == [2] and 0.0 <= probe_auroc[0].value <= 1.0
+    for name in ("probe_auprc", "probe_f1", "probe_precision", "probe_recall", "probe_accuracy", "probe_f1_fixed0.5",
+                 "probe_auroc_ci_low", "probe_auroc_ci_high", "probe_f1_ci_low", "wall_probe_s"):
+        assert name in run.data.metrics, name
+    assert run.data.metrics["probe_auroc_ci_low"] <= run.data.metrics["probe_auroc"] <= run.data.metrics[
+        "probe_auroc_ci_high"]
+    assert result.metrics["probe_auroc"] == pytest.approx(probe_auroc[0].value)
+    assert {"probe_per_label.csv", "probe_predictions.csv"} <= artifacts
+    probe = pd.read_csv(download_artifacts(run_id=result.run_id, artifact_path="probe_predictions.csv",
+                                           tracking_uri=cfg.tracking.uri))
+    assert list(probe.columns) == ["VolumeName", "pathology", "score", "label"]
+    assert len(probe) == 8 * len(PATHOLOGIES) and probe.score.between(0, 1).all()
+    keys = ["VolumeName", "pathology", "label"]
+    assert probe[keys].equals(predictions[keys])  # the same validation volumes and labels as zero-shot
+    per_label = pd.read_csv(download_artifacts(run_id=result.run_id, artifact_path="probe_per_label.csv",
+                                               tracking_uri=cfg.tracking.uri))
+    assert list(per_label.columns) == ["pathology", "auroc", "auprc", "f1", "precision", "recall", "accuracy",
+                                       "threshold", "protocol"]
+    assert len(per_label) == 2 * len(PATHOLOGIES)  # ctclip and fixed0.5
+
+
+def test_disabled_probe_logs_no_probe_readout(synthetic, tmp_path):
+    cfg = _config(synthetic, tmp_path, "train.max_steps=1", "eval.probe.enabled=false", "eval.bootstrap=0")
+    result = train(cfg, progress=False)
+    client = MlflowClient(cfg.tracking.uri)
+    metrics = client.get_run(result.run_id).data.metrics
+    assert "zeroshot_auroc" in metrics
+    assert not [name for name in metrics if "probe" in name]
+    assert not [a.path for a in client.list_artifacts(result.run_id) if a.path.startswith("probe")]
+
 
 def test_resume_after_interrupt_reproduces_the_uninterrupted_run(synthetic, tmp_path):
     full = train(_config(synthetic, tmp_path / "a", "train.epochs=3"), progress=False)
@@ -91,6 +123,9 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run(synthetic, tmp_
     assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-5, abs=1e-6)
     assert resumed.losses == pytest.approx(full.losses[4:], rel=1e-5, abs=1e-6)
     assert resumed.metrics["zeroshot_auroc"] == pytest.approx(full.metrics["zeroshot_auroc"], abs=1e-6)
+    probe = MlflowClient(cfg.tracking.uri).get_metric_history(resumed.run_id, "probe_auroc")
+    assert [m.step for m in probe] == [3]  # once, at the end of the resumed run
+    assert probe[0].value == pytest.approx(full.metrics["probe_auroc"], abs=1e-6)
 
 
 def test_stop_signal_mid_step_waits_for_the_step_so_the_resumed_history_has_no_hole(synthetic, tmp_path):
@@ -166,3 +201,5 @@ def test_eval_command_reproduces_the_runs_final_metrics(synthetic, tmp_path, cap
     printed = dict(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  "))
     assert float(printed["zeroshot_auroc"]) == pytest.approx(result.metrics["zeroshot_auroc"], abs=1e-4)
     assert (tmp_path / "eval" / "zeroshot_per_label.csv").is_file()
+    assert float(printed["probe_auroc"]) == pytest.approx(result.metrics["probe_auroc"], abs=1e-4)
+    assert (tmp_path / "eval" / "probe_predictions.csv").is_file()
