@@ -202,12 +202,19 @@ class EvalResult:
 
     def write_artifacts(self, folder: str | Path) -> list[Path]:
         """Write ``zeroshot_per_label.csv``, ``zeroshot_predictions.csv`` and ``roc.png`` into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        per_label, predictions = folder / "zeroshot_per_label.csv", folder / "zeroshot_predictions.csv"
-        self.per_label.to_csv(per_label, index=False)
-        self.predictions.to_csv(predictions, index=False)
-        return [per_label, predictions, plot_roc(self.labels, self.scores, self.pathologies, folder / "roc.png")]
+        written = write_readout_tables(folder, "zeroshot", self.per_label, self.predictions)
+        return [*written, plot_roc(self.labels, self.scores, self.pathologies, Path(folder) / "roc.png")]
+
+
+def write_readout_tables(folder: str | Path, readout: str, per_label: pd.DataFrame,
+                         predictions: pd.DataFrame) -> list[Path]:
+    """Write a readout's ``{readout}_per_label.csv`` and ``{readout}_predictions.csv`` (the report reads both)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{readout}_per_label.csv", folder / f"{readout}_predictions.csv"]
+    per_label.to_csv(paths[0], index=False)
+    predictions.to_csv(paths[1], index=False)
+    return paths
 
 
 def predictions_frame(names: Sequence[str], pathologies: Sequence[str], scores: np.ndarray,

@@ -106,12 +106,9 @@ class ProbeResult:
 
     def write_artifacts(self, folder: str | Path) -> list[Path]:
         """Write ``probe_per_label.csv`` and ``probe_predictions.csv`` into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        per_label, predictions = folder / "probe_per_label.csv", folder / "probe_predictions.csv"
-        self.per_label.to_csv(per_label, index=False)
-        self.predictions.to_csv(predictions, index=False)
-        return [per_label, predictions]
+        from core.evaluate import write_readout_tables
+
+        return write_readout_tables(folder, "probe", self.per_label, self.predictions)
 
 
 @contextmanager
