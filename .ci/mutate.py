@@ -34,7 +34,7 @@ FAST = "not slow and not postgres"
 MODULES: dict[str, list[str]] = {
     "core/metrics.py": ["tests/test_metrics.py"],
     "core/losses.py": ["tests/test_losses.py", "tests/test_distributed.py"],
-    "experiments/launcher.py": ["tests/test_cell_sampler.py", "tests/test_matrix_expand.py"],
+    "experiments/launcher.py": ["tests/test_launcher.py", "tests/test_cell_sampler.py", "tests/test_matrix_expand.py"],
     "core/encoders/base.py": ["tests/test_axes.py", "tests/test_encoders.py"],
     "core/layers/attention.py": ["tests/test_layers.py", "tests/test_axes.py"],
     "core/layers/norm.py": ["tests/test_layers.py", "tests/test_axes.py"],
@@ -86,13 +86,16 @@ def run_module(module: str, max_children: int, verbose: bool = False, minutes: f
 
 
 def rerun_survivors(module: str, args: argparse.Namespace, last: dict) -> dict:
-    """Run last time's survivors again and merge: mutants killed last time stay killed."""
-    rerun = run_module(module, args.max_children, args.log, args.minutes, mutants=sorted(last["survivors"]))
+    """Run last time's survivors and the mutants its time budget left unchecked again, and merge: mutants
+    killed last time stay killed."""
+    again = sorted([*last["survivors"], *last.get("unchecked", [])])
+    rerun = run_module(module, args.max_children, args.log, args.minutes, mutants=again)
     counts = dict(last["counts"])
     for mutant in last["survivors"].values():
         counts[mutant["status"]] -= 1
+    counts["not checked"] = counts.get("not checked", 0) - len(last.get("unchecked", []))
     statuses = {name: "not checked" if name in rerun["unchecked"] else
-                rerun["survivors"].get(name, {}).get("status", "killed") for name in last["survivors"]}
+                rerun["survivors"].get(name, {}).get("status", "killed") for name in again}
     for status in statuses.values():
         counts[status] = counts.get(status, 0) + 1
     survivors = {name: rerun["survivors"][name] for name, status in statuses.items()
@@ -149,7 +152,7 @@ def write_report(results: dict[str, dict]) -> None:
              "Score = killed (incl. timeouts) / mutants checked; a run stopped by its time budget "
              "(`--minutes`) leaves the rest `not checked`; `killed by a later test` counts survivors of the "
              "recorded run that a test added afterwards kills (run with the mutant switched on); "
-             "`--survivors` reruns only last time's survivors through mutmut. "
+             "`--survivors` reruns only last time's survivors and unchecked mutants through mutmut. "
              "Every survivor is listed with why it cannot change "
              "a result (an equivalent mutant) or, when it could, is killed by a test and no longer listed.", "",
              "| module | tests | mutants | checked | killed | survived | other | score |",
@@ -192,7 +195,8 @@ def main() -> int:
     parser.add_argument("--collect", type=Path, metavar="DIR",
                         help="only read the results of a mutmut run left in DIR (one MODULE)")
     parser.add_argument("--survivors", action="store_true",
-                        help="rerun only the mutants that survived last time (the module unchanged, tests added)")
+                        help="rerun only the mutants that survived or were not checked last time "
+                             "(the module unchanged, tests added)")
     parser.add_argument("--log", action="store_true", help="keep mutmut progress in $TMPDIR/ctlab-mutation-*.log")
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in MODULES]

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from core.layers import TransformerBlock, create_attention, create_mlp, create_norm
@@ -54,6 +55,16 @@ def test_layernorm_matches_formula():
     torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_norm_options_reach_the_layer():
+    """CT-CLIP's norms are bias-less LayerNorms (a gain only); eps is the config's, not the default."""
+    norm = create_norm("layernorm", 16, eps=1e-2, bias=False)
+    assert norm.bias is None and norm.eps == 1e-2
+    x = torch.randn(3, 16) * 0.05  # small variance: eps changes the output
+    expected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-2)
+    torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+    assert create_norm("rmsnorm", 16, eps=1e-3).eps == 1e-3
+
+
 @pytest.mark.parametrize(("name", "act"), [("swiglu", F.silu), ("geglu", F.gelu)])
 def test_gated_mlp_matches_formula(name, act):
     mlp = create_mlp(name, 24)
@@ -66,6 +77,18 @@ def test_gelu_mlp_matches_formula():
     mlp = create_mlp("gelu", 24)
     x = torch.randn(5, 24)
     torch.testing.assert_close(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x))))
+
+
+@pytest.mark.parametrize("name", ["gelu", "swiglu", "geglu"])
+def test_mlp_width_and_bias_follow_the_options(name):
+    """Default width 4 · dim (gated: 2/3 of it, rounded up to a multiple of 8), with biases; ``hidden`` and
+    ``bias=False`` build CT-CLIP's feed-forward (hidden 1365 at dim 512, no biases)."""
+    default = [m for m in create_mlp(name, 24).modules() if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in default[:-1]] == ([96] if name == "gelu" else [64, 64])
+    assert default[-1].in_features == default[0].out_features and all(m.bias is not None for m in default)
+    ctclip = [m for m in create_mlp(name, 512, hidden=1365, bias=False).modules() if isinstance(m, nn.Linear)]
+    assert {m.out_features for m in ctclip[:-1]} == {1365} and ctclip[-1].in_features == 1365
+    assert all(m.bias is None for m in ctclip)
 
 
 @pytest.mark.parametrize("name", ["swiglu", "geglu"])
