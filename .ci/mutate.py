@@ -36,19 +36,22 @@ MODULES: dict[str, list[str]] = {
     "core/losses.py": ["tests/test_losses.py", "tests/test_distributed.py"],
     "experiments/launcher.py": ["tests/test_launcher.py", "tests/test_cell_sampler.py", "tests/test_matrix_expand.py"],
     "core/encoders/base.py": ["tests/test_axes.py", "tests/test_encoders.py"],
-    "core/layers/attention.py": ["tests/test_layers.py", "tests/test_axes.py"],
+    "core/layers/attention.py": ["tests/test_layers.py", "tests/test_axes.py", "tests/test_performance.py"],
     "core/layers/norm.py": ["tests/test_layers.py", "tests/test_axes.py"],
     "core/layers/mlp.py": ["tests/test_layers.py", "tests/test_axes.py"],
     "core/layers/block.py": ["tests/test_layers.py", "tests/test_axes.py"],
-    "core/data/preprocess.py": ["tests/test_data_preprocess.py"],
+    "core/data/preprocess.py": ["tests/test_data_preprocess.py", "tests/test_data_bad_input.py"],
 }
 # module -> a pytest -k expression narrowing its tests: the layers are reached by every encoder's axis cases,
 # and the two larger DCFormers (6 s per case) check nothing about a layer that dcformer_nano does not.
+# Of tests/test_performance.py the attention layer needs the sdpa-backend tests only.
 KEYWORDS: dict[str, str] = {
     module: "not dcformer_naive and not dcformer_tiny"
-    for module in ("core/encoders/base.py", "core/layers/attention.py", "core/layers/norm.py",
-                   "core/layers/mlp.py", "core/layers/block.py")
+    for module in ("core/encoders/base.py", "core/layers/norm.py", "core/layers/mlp.py", "core/layers/block.py")
 }
+# TransformerBlock is built by vit3d and hybrid only.
+KEYWORDS["core/layers/block.py"] = "test_layers or vit3d or hybrid"
+KEYWORDS["core/layers/attention.py"] = "not dcformer_naive and not dcformer_tiny and (not test_performance or sdpa)"
 # "killed by a later test": a survivor of the recorded run that a test added afterwards kills, checked by
 # running that test with the mutant switched on (MUTANT_UNDER_TEST) instead of a whole new run.
 KILLED = ("killed", "timeout", "segfault", "caught by type check", "killed by a later test")

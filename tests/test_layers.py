@@ -7,6 +7,7 @@ from torch.nn import functional as F
 
 from core.layers import TransformerBlock, create_attention, create_mlp, create_norm
 from core.layers.attention import flash_unavailable_reason
+from core.layers.block import Transformer
 from core.registry import ConfigError
 
 
@@ -109,3 +110,47 @@ def test_block_is_pre_norm_residual(attention, norm, mlp):
     torch.testing.assert_close(block(x), h + block.mlp(block.norm2(h)))
     block(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_transformer_blocks_take_its_heads_widths_ratio_and_dropout():
+    model = Transformer(32, depth=2, heads=2, dim_head=8, attention="sdpa", norm="rmsnorm", mlp="gelu", mlp_ratio=2.0,
+                        dropout=0.25)
+    assert len(model.blocks) == 2 and isinstance(model.norm, nn.RMSNorm)
+    for block in model.blocks:
+        assert (block.attn.heads, block.attn.dim_head, block.attn.qkv.out_features) == (2, 8, 3 * 2 * 8)
+        assert block.mlp.fc1.out_features == 64 and block.mlp.drop.p == 0.25
+        assert isinstance(block.norm1, nn.RMSNorm) and isinstance(block.norm2, nn.RMSNorm)
+
+
+def test_gradient_checkpointing_recomputes_each_block_and_keeps_the_gradients():
+    """Off by default; on, in training with gradients, each block runs again in backward and every parameter
+    gets the same gradient (also when the input itself needs none, as a frozen stem's output)."""
+    model = Transformer(16, depth=2, heads=2, dim_head=8, attention="sdpa", norm="layernorm", mlp="gelu")
+    calls: list[int] = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 5, 16)
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()], len(calls)
+
+    assert model.grad_checkpointing is False
+    out, grads, runs = step()
+    assert runs == 2
+    model.grad_checkpointing = True
+    out_ckpt, grads_ckpt, runs_ckpt = step()
+    assert runs_ckpt == 4
+    torch.testing.assert_close(out_ckpt, out)
+    for a, b in zip(grads_ckpt, grads, strict=True):
+        torch.testing.assert_close(a, b)
+    model.eval()
+    assert step()[2] == 2  # not training: nothing to save memory for
+    model.train()
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 2
