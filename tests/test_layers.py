@@ -1,3 +1,4 @@
+import importlib.util
 import math
 
 import pytest
@@ -6,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from core.layers import TransformerBlock, create_attention, create_mlp, create_norm
-from core.layers.attention import flash_unavailable_reason
+from core.layers.attention import KernelAttention, attention_kernel, flash_unavailable_reason
 from core.layers.block import Transformer
 from core.registry import ConfigError
 
@@ -26,6 +27,49 @@ def test_standard_attention_is_softmax_qk_v():
     q, k, v = attn.qkv(x).chunk(3, dim=-1)
     expected = attn.proj(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(8), dim=-1) @ v)
     torch.testing.assert_close(attn(x), expected)
+
+
+def test_multi_head_attention_attends_per_head_then_concatenates():
+    """Each head attends over its own slice of q, k, v; the heads' outputs are concatenated in order before the
+    output projection. The fused qkv projection has no bias, the output projection has one."""
+    attn = create_attention("standard", dim=12, heads=3, dim_head=4)
+    assert attn.qkv.bias is None and attn.proj.bias is not None
+    assert sum(p.numel() for p in attn.parameters()) == 12 * 3 * 12 + 12 * 12 + 12
+    x = torch.randn(2, 5, 12)
+    q, k, v = attn.qkv(x).chunk(3, dim=-1)
+    heads = [torch.softmax(q[..., h * 4:(h + 1) * 4] @ k[..., h * 4:(h + 1) * 4].transpose(1, 2) / 2.0, dim=-1)
+             @ v[..., h * 4:(h + 1) * 4] for h in range(3)]
+    torch.testing.assert_close(attn(x), attn.proj(torch.cat(heads, dim=-1)))
+
+
+@pytest.mark.parametrize("name", ["standard", "sdpa"])
+def test_kernels_add_the_bias_and_use_the_scale_they_are_given(name):
+    """CT-ViT's continuous position bias and its fixed scale 8 reach every kernel (same result as the formula)."""
+    layer = KernelAttention(heads=2, dim_head=4, kernel=attention_kernel(name), name=name)
+    q, k, v = torch.randn(3, 3, 2, 6, 4).unbind(0)
+    bias = torch.randn(1, 2, 6, 6)
+    expected = torch.softmax(q @ k.transpose(-2, -1) * 8.0 + bias, dim=-1) @ v
+    torch.testing.assert_close(layer.attend(q, k, v, bias=bias, scale=8.0), expected, atol=1e-5, rtol=1e-5)
+    default = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1) @ v  # no bias, scale 1/sqrt(dim_head)
+    torch.testing.assert_close(layer.attend(q, k, v), default, atol=1e-5, rtol=1e-5)
+
+
+def test_printed_attention_names_its_kernel_and_backend():
+    sdpa = create_attention("sdpa", dim=16, heads=2, dim_head=8)
+    sdpa.sdpa_backend = "math"
+    assert sdpa.extra_repr() == "kernel=sdpa, sdpa_backend=math, heads=2, dim_head=8"
+    assert create_attention("standard", dim=16, heads=2, dim_head=8).extra_repr() == (
+        "kernel=standard, heads=2, dim_head=8")
+
+
+def test_flash_unavailable_reason_names_what_is_missing():
+    reason = flash_unavailable_reason()
+    if importlib.util.find_spec("flash_attn") is None:
+        assert reason == "the flash-attn package is not installed (pip install -r requirements-gpu.txt)"
+    elif not torch.cuda.is_available():
+        assert reason == "flash-attn needs a CUDA GPU and none is available"
+    else:
+        assert reason is None
 
 
 @pytest.mark.skipif(flash_unavailable_reason() is None, reason="flash-attn and CUDA are present")
