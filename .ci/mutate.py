@@ -89,20 +89,23 @@ def run_module(module: str, max_children: int, verbose: bool = False, minutes: f
 
 
 def rerun_survivors(module: str, args: argparse.Namespace, last: dict) -> dict:
-    """Run last time's survivors and the mutants its time budget left unchecked again, and merge: mutants
-    killed last time stay killed."""
-    again = sorted([*last["survivors"], *last.get("unchecked", [])])
+    """Run last time's survivors that have no reason in the equivalents file, and the mutants its time budget
+    left unchecked, again; merge: mutants killed last time stay killed, explained survivors stay as recorded."""
+    explained = set(yaml.safe_load(EQUIVALENT.read_text()) or {}) if EQUIVALENT.exists() else set()
+    again = sorted([*(name for name in last["survivors"] if name not in explained), *last.get("unchecked", [])])
     rerun = run_module(module, args.max_children, args.log, args.minutes, mutants=again)
     counts = dict(last["counts"])
-    for mutant in last["survivors"].values():
-        counts[mutant["status"]] -= 1
+    for name, mutant in last["survivors"].items():
+        if name in again:
+            counts[mutant["status"]] -= 1
     counts["not checked"] = counts.get("not checked", 0) - len(last.get("unchecked", []))
     statuses = {name: "not checked" if name in rerun["unchecked"] else
                 rerun["survivors"].get(name, {}).get("status", "killed") for name in again}
     for status in statuses.values():
         counts[status] = counts.get(status, 0) + 1
-    survivors = {name: rerun["survivors"][name] for name, status in statuses.items()
-                 if status not in KILLED and status != "not checked"}
+    survivors = {name: mutant for name, mutant in last["survivors"].items() if name not in again}
+    survivors.update({name: rerun["survivors"][name] for name, status in statuses.items()
+                      if status not in KILLED and status != "not checked"})
     unchecked = [name for name, status in statuses.items() if status == "not checked"]
     return {"tests": MODULES[module], "counts": {k: v for k, v in counts.items() if v}, "survivors": survivors,
             "unchecked": unchecked}
@@ -155,7 +158,7 @@ def write_report(results: dict[str, dict]) -> None:
              "Score = killed (incl. timeouts) / mutants checked; a run stopped by its time budget "
              "(`--minutes`) leaves the rest `not checked`; `killed by a later test` counts survivors of the "
              "recorded run that a test added afterwards kills (run with the mutant switched on); "
-             "`--survivors` reruns only last time's survivors and unchecked mutants through mutmut. "
+             "`--survivors` reruns only last time's unexplained survivors and unchecked mutants through mutmut. "
              "Every survivor is listed with why it cannot change "
              "a result (an equivalent mutant) or, when it could, is killed by a test and no longer listed.", "",
              "| module | tests | mutants | checked | killed | survived | other | score |",
@@ -198,7 +201,7 @@ def main() -> int:
     parser.add_argument("--collect", type=Path, metavar="DIR",
                         help="only read the results of a mutmut run left in DIR (one MODULE)")
     parser.add_argument("--survivors", action="store_true",
-                        help="rerun only the mutants that survived or were not checked last time "
+                        help="rerun only the mutants that survived without a reason or were not checked last time "
                              "(the module unchanged, tests added)")
     parser.add_argument("--log", action="store_true", help="keep mutmut progress in $TMPDIR/ctlab-mutation-*.log")
     args = parser.parse_args()
