@@ -324,8 +324,11 @@ def test_a_failure_is_recorded_once(tmp_path, opts):
     earlier.kill()  # an earlier attempt, ended before this one started
     time.sleep(0.01)
     started = int(time.time() * 1000)
+    other = matrix.runnable[1]  # another cell's run, started meanwhile by another worker: not this cell's
+    Tracker(opts.tracking_uri, EXPERIMENT, tags={**tags, "cell_id": other.cell_id})
     _record_failure(cell, matrix, "parent-id", cfg, tags, "ConfigError: bad", started)
-    recorded = [r for r in find_runs(opts.tracking_uri, "tags.matrix = 'lm'") if r.info.run_id != earlier.run_id]
+    recorded = [r for r in find_runs(opts.tracking_uri, f"tags.matrix = 'lm' and tags.cell_id = '{cell.cell_id}'")
+                if r.info.run_id != earlier.run_id]
     assert [(r.info.status, r.data.tags["failure_reason"], r.data.tags["mlflow.parentRunId"], r.info.run_name,
              r.data.tags["ctlab.kind"], r.data.tags["cell_id"]) for r in recorded] == [
         ("FAILED", "ConfigError: bad", "parent-id", "cell run", "train", cell.cell_id)]
@@ -340,7 +343,8 @@ def test_a_failure_is_recorded_once(tmp_path, opts):
     started = int(time.time() * 1000)
     fresh = Tracker(opts.tracking_uri, EXPERIMENT, tags=tags)  # this attempt's new run, still open
     _record_failure(cell, matrix, "parent-id", cfg, tags, "OOM", started)
-    assert len(find_runs(opts.tracking_uri, "tags.matrix = 'lm'")) == 3 and fresh.run_id
+    assert len(find_runs(opts.tracking_uri, f"tags.matrix = 'lm' and tags.cell_id = '{cell.cell_id}'")) == 3
+    assert fresh.run_id
 
 
 def test_a_retried_cell_the_sampler_considers_visited_is_queued_once(tmp_path):
@@ -376,6 +380,24 @@ def test_prepare_data_caches_each_distinct_data_config_once(tmp_path, synthetic_
 def shared_cache(tmp_path_factory) -> Path:
     """One data cache for the launch tests (preparing the synthetic set takes seconds)."""
     return tmp_path_factory.mktemp("cache")
+
+
+def test_launch_in_one_process_prepares_the_data_and_runs_the_matrix_in_the_given_stores(
+        tmp_path, opts, synthetic_source, shared_cache, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # nothing may be logged to a default store here
+    matrix = _matrix(tmp_path, root=synthetic_source, cache=shared_cache, axes={"model.attention": ["sdpa"]},
+                     include=[])
+    [cell] = matrix.runnable
+    run = _finished(opts.tracking_uri, "lm", cell.cell_id, 0.8)
+    assert launch(matrix, opts) == 0
+    assert index_path(cell.config.data, "train").is_file() and index_path(cell.config.data, "valid").is_file()
+    assert [r.info.run_id for r in _train_runs(opts.tracking_uri)] == [run]
+    [parent] = find_runs(opts.tracking_uri, "tags.matrix = 'lm' and tags.`ctlab.kind` = 'matrix'")
+    assert parent.info.status == "FINISHED"
+    [trial] = optuna.load_study(study_name="lm", storage=opts.storage).trials
+    assert (trial.state, trial.value) == (TrialState.COMPLETE, 0.8)
+    assert list((tmp_path / "cwd").iterdir()) == [] and not (tmp_path / "elsewhere.db").exists()
 
 
 def test_several_workers_need_the_matrix_file(tmp_path, opts, synthetic_source, shared_cache):
