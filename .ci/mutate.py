@@ -59,11 +59,12 @@ MUTMUT = [sys.executable, "-m", "mutmut"]
 
 
 def run_module(module: str, max_children: int, verbose: bool = False, minutes: float | None = None,
-               mutants: list[str] | None = None) -> dict:
+               mutants: list[str] | None = None, tests: list[str] | None = None) -> dict:
     """Mutate ``module`` in a scratch copy against its tests; returns counts and the surviving mutants' diffs.
 
     With ``minutes``, mutmut is stopped after that long and the mutants it had not reached count as
-    ``not checked``. With ``mutants``, only those (by name) are run.
+    ``not checked``. With ``mutants``, only those (by name) are run; with ``tests``, against those test files
+    instead of the module's selection.
     """
     with tempfile.TemporaryDirectory(prefix="ctlab-mutate-") as scratch:
         work = Path(scratch)
@@ -71,7 +72,8 @@ def run_module(module: str, max_children: int, verbose: bool = False, minutes: f
             shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
         pyproject = (ROOT / "pyproject.toml").read_text()
         settings = {"source_paths": list(SOURCES), "only_mutate": [module],
-                    "pytest_add_cli_args_test_selection": [*MODULES[module], "-m", FAST, *_keyword(module)],
+                    "pytest_add_cli_args_test_selection": [*tests, "-m", FAST] if tests else
+                    [*MODULES[module], "-m", FAST, *_keyword(module)],
                     "process_isolation": "forkserver", "use_git_change_detection": False}
         (work / "pyproject.toml").write_text(pyproject + "\n[tool.mutmut]\n" + "".join(
             f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
@@ -93,7 +95,7 @@ def rerun_survivors(module: str, args: argparse.Namespace, last: dict) -> dict:
     left unchecked, again; merge: mutants killed last time stay killed, explained survivors stay as recorded."""
     explained = set(yaml.safe_load(EQUIVALENT.read_text()) or {}) if EQUIVALENT.exists() else set()
     again = sorted([*(name for name in last["survivors"] if name not in explained), *last.get("unchecked", [])])
-    rerun = run_module(module, args.max_children, args.log, args.minutes, mutants=again)
+    rerun = run_module(module, args.max_children, args.log, args.minutes, mutants=again, tests=args.tests)
     counts = dict(last["counts"])
     for name, mutant in last["survivors"].items():
         if name in again:
@@ -107,8 +109,11 @@ def rerun_survivors(module: str, args: argparse.Namespace, last: dict) -> dict:
     survivors.update({name: rerun["survivors"][name] for name, status in statuses.items()
                       if status not in KILLED and status != "not checked"})
     unchecked = [name for name, status in statuses.items() if status == "not checked"]
-    return {"tests": MODULES[module], "counts": {k: v for k, v in counts.items() if v}, "survivors": survivors,
-            "unchecked": unchecked}
+    result = {"tests": MODULES[module], "counts": {k: v for k, v in counts.items() if v}, "survivors": survivors,
+              "unchecked": unchecked}
+    if args.tests:  # survivors of the full selection, rerun against the files holding the tests added since
+        result["rerun_tests"] = sorted({*last.get("rerun_tests", []), *args.tests})
+    return result
 
 
 def _keyword(module: str) -> list[str]:
@@ -158,7 +163,8 @@ def write_report(results: dict[str, dict]) -> None:
              "Score = killed (incl. timeouts) / mutants checked; a run stopped by its time budget "
              "(`--minutes`) leaves the rest `not checked`; `killed by a later test` counts survivors of the "
              "recorded run that a test added afterwards kills (run with the mutant switched on); "
-             "`--survivors` reruns only last time's unexplained survivors and unchecked mutants through mutmut. "
+             "`--survivors` reruns only last time's unexplained survivors and unchecked mutants through mutmut "
+             "(with `--tests`, against the files holding the tests added since, named in the table). "
              "Every survivor is listed with why it cannot change "
              "a result (an equivalent mutant) or, when it could, is killed by a test and no longer listed.", "",
              "| module | tests | mutants | checked | killed | survived | other | score |",
@@ -172,7 +178,9 @@ def write_report(results: dict[str, dict]) -> None:
         checked = total - r["counts"].get("not checked", 0)
         killed = sum(r["counts"].get(s, 0) for s in KILLED)
         survived = r["counts"].get("survived", 0)
-        lines.append(f"| `{module}` | {tests_label(module)} | {total} | {checked} | {killed} | {survived} | "
+        label = tests_label(module) + (f"; survivors rerun against {', '.join(r['rerun_tests'])}"
+                                       if r.get("rerun_tests") else "")
+        lines.append(f"| `{module}` | {label} | {total} | {checked} | {killed} | {survived} | "
                      f"{checked - killed - survived} | {score(r)} |")
     unexplained = []
     for module, r in results.items():
@@ -203,6 +211,8 @@ def main() -> int:
     parser.add_argument("--survivors", action="store_true",
                         help="rerun only the mutants that survived without a reason or were not checked last time "
                              "(the module unchanged, tests added)")
+    parser.add_argument("--tests", nargs="+", metavar="FILE",
+                        help="with --survivors: run them against these test files only (where the new tests are)")
     parser.add_argument("--log", action="store_true", help="keep mutmut progress in $TMPDIR/ctlab-mutation-*.log")
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in MODULES]
