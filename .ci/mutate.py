@@ -94,13 +94,14 @@ def rerun_survivors(module: str, args: argparse.Namespace, last: dict) -> dict:
     """Run last time's survivors that have no reason in the equivalents file, and the mutants its time budget
     left unchecked, again; merge: mutants killed last time stay killed, explained survivors stay as recorded."""
     explained = set(yaml.safe_load(EQUIVALENT.read_text()) or {}) if EQUIVALENT.exists() else set()
-    again = sorted([*(name for name in last["survivors"] if name not in explained), *last.get("unchecked", [])])
+    unchecked_before = [] if args.no_unchecked else last.get("unchecked", [])
+    again = sorted([*(name for name in last["survivors"] if name not in explained), *unchecked_before])
     rerun = run_module(module, args.max_children, args.log, args.minutes, mutants=again, tests=args.tests)
     counts = dict(last["counts"])
     for name, mutant in last["survivors"].items():
         if name in again:
             counts[mutant["status"]] -= 1
-    counts["not checked"] = counts.get("not checked", 0) - len(last.get("unchecked", []))
+    counts["not checked"] = counts.get("not checked", 0) - len(unchecked_before)
     statuses = {name: "not checked" if name in rerun["unchecked"] else
                 rerun["survivors"].get(name, {}).get("status", "killed") for name in again}
     for status in statuses.values():
@@ -109,6 +110,7 @@ def rerun_survivors(module: str, args: argparse.Namespace, last: dict) -> dict:
     survivors.update({name: rerun["survivors"][name] for name, status in statuses.items()
                       if status not in KILLED and status != "not checked"})
     unchecked = [name for name, status in statuses.items() if status == "not checked"]
+    unchecked += [name for name in last.get("unchecked", []) if name not in unchecked_before]
     result = {"tests": MODULES[module], "counts": {k: v for k, v in counts.items() if v}, "survivors": survivors,
               "unchecked": unchecked}
     if args.tests:  # survivors of the full selection, rerun against the files holding the tests added since
@@ -211,6 +213,8 @@ def main() -> int:
     parser.add_argument("--survivors", action="store_true",
                         help="rerun only the mutants that survived without a reason or were not checked last time "
                              "(the module unchanged, tests added)")
+    parser.add_argument("--no-unchecked", action="store_true",
+                        help="with --survivors: leave the mutants not checked last time unchecked")
     parser.add_argument("--tests", nargs="+", metavar="FILE",
                         help="with --survivors: run them against these test files only (where the new tests are)")
     parser.add_argument("--log", action="store_true", help="keep mutmut progress in $TMPDIR/ctlab-mutation-*.log")
