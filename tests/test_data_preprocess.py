@@ -204,6 +204,8 @@ def test_an_implausible_volume_is_a_bad_volume_with_the_reason(tmp_path):
      "array shape (6, 6, 4, 2), expected 3 axes (X, Y, Z)"),
     (lambda p: write_nifti(p, np.zeros((6, 1, 4), dtype=np.int16)), "bad_dims",
      "array shape (6, 1, 4) has an axis shorter than 2 voxels"),
+    (lambda p: write_nifti(p, np.zeros((6, 6, 1), dtype=np.int16)), "bad_dims",  # one slice: 3 axes, one too short
+     "array shape (6, 6, 1) has an axis shorter than 2 voxels"),
 ])
 def test_unusable_files_are_bad_volumes_naming_why(tmp_path, make, reason, detail):
     path = tmp_path / "v.nii.gz"
@@ -226,6 +228,11 @@ def test_a_trailing_length_one_axis_is_dropped_and_the_header_read(tmp_path):
     assert (volume.slope, volume.intercept) == (2.0, -1024.0)
     assert volume.spacing == pytest.approx((2.0, 0.5, 0.7))
     assert (volume.header_rescale.slope, volume.header_rescale.intercept) == (2.0, -1024.0)
+
+
+def test_an_axis_of_two_voxels_is_enough(tmp_path):
+    volume = load_nifti(write_nifti(tmp_path / "v.nii.gz", np.zeros((6, 2, 4), dtype=np.int16)))
+    assert volume.raw.shape == (4, 6, 2)
 
 
 def test_preprocessed_volume_is_float32_and_padded_with_exactly_minus_one(tmp_path):
