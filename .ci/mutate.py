@@ -34,14 +34,24 @@ FAST = "not slow and not postgres"
 MODULES: dict[str, list[str]] = {
     "core/metrics.py": ["tests/test_metrics.py"],
     "core/losses.py": ["tests/test_losses.py", "tests/test_distributed.py"],
-    "experiments/launcher.py": ["tests/test_cell_sampler.py", "tests/test_matrix_expand.py"],
+    "experiments/launcher.py": ["tests/test_launcher.py", "tests/test_cell_sampler.py", "tests/test_matrix_expand.py"],
     "core/encoders/base.py": ["tests/test_axes.py", "tests/test_encoders.py"],
-    "core/layers/attention.py": ["tests/test_layers.py", "tests/test_axes.py"],
+    "core/layers/attention.py": ["tests/test_layers.py", "tests/test_axes.py", "tests/test_performance.py"],
     "core/layers/norm.py": ["tests/test_layers.py", "tests/test_axes.py"],
     "core/layers/mlp.py": ["tests/test_layers.py", "tests/test_axes.py"],
     "core/layers/block.py": ["tests/test_layers.py", "tests/test_axes.py"],
-    "core/data/preprocess.py": ["tests/test_data_preprocess.py"],
+    "core/data/preprocess.py": ["tests/test_data_preprocess.py", "tests/test_data_bad_input.py"],
 }
+# module -> a pytest -k expression narrowing its tests: the layers are reached by every encoder's axis cases,
+# and the two larger DCFormers (6 s per case) check nothing about a layer that dcformer_nano does not.
+# Of tests/test_performance.py the attention layer needs the sdpa-backend tests only.
+KEYWORDS: dict[str, str] = {
+    module: "not dcformer_naive and not dcformer_tiny"
+    for module in ("core/encoders/base.py", "core/layers/norm.py", "core/layers/mlp.py", "core/layers/block.py")
+}
+# TransformerBlock is built by vit3d and hybrid only.
+KEYWORDS["core/layers/block.py"] = "test_layers or vit3d or hybrid"
+KEYWORDS["core/layers/attention.py"] = "not dcformer_naive and not dcformer_tiny and (not test_performance or sdpa)"
 # "killed by a later test": a survivor of the recorded run that a test added afterwards kills, checked by
 # running that test with the mutant switched on (MUTANT_UNDER_TEST) instead of a whole new run.
 KILLED = ("killed", "timeout", "segfault", "caught by type check", "killed by a later test")
@@ -49,11 +59,12 @@ MUTMUT = [sys.executable, "-m", "mutmut"]
 
 
 def run_module(module: str, max_children: int, verbose: bool = False, minutes: float | None = None,
-               mutants: list[str] | None = None) -> dict:
+               mutants: list[str] | None = None, tests: list[str] | None = None) -> dict:
     """Mutate ``module`` in a scratch copy against its tests; returns counts and the surviving mutants' diffs.
 
     With ``minutes``, mutmut is stopped after that long and the mutants it had not reached count as
-    ``not checked``. With ``mutants``, only those (by name) are run.
+    ``not checked``. With ``mutants``, only those (by name) are run; with ``tests``, against those test files
+    instead of the module's selection.
     """
     with tempfile.TemporaryDirectory(prefix="ctlab-mutate-") as scratch:
         work = Path(scratch)
@@ -61,7 +72,8 @@ def run_module(module: str, max_children: int, verbose: bool = False, minutes: f
             shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
         pyproject = (ROOT / "pyproject.toml").read_text()
         settings = {"source_paths": list(SOURCES), "only_mutate": [module],
-                    "pytest_add_cli_args_test_selection": [*MODULES[module], "-m", FAST],
+                    "pytest_add_cli_args_test_selection": [*tests, "-m", FAST] if tests else
+                    [*MODULES[module], "-m", FAST, *_keyword(module)],
                     "process_isolation": "forkserver", "use_git_change_detection": False}
         (work / "pyproject.toml").write_text(pyproject + "\n[tool.mutmut]\n" + "".join(
             f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
@@ -79,20 +91,40 @@ def run_module(module: str, max_children: int, verbose: bool = False, minutes: f
 
 
 def rerun_survivors(module: str, args: argparse.Namespace, last: dict) -> dict:
-    """Run last time's survivors again and merge: mutants killed last time stay killed."""
-    rerun = run_module(module, args.max_children, args.log, args.minutes, mutants=sorted(last["survivors"]))
+    """Run last time's survivors that have no reason in the equivalents file, and the mutants its time budget
+    left unchecked, again; merge: mutants killed last time stay killed, explained survivors stay as recorded."""
+    explained = set(yaml.safe_load(EQUIVALENT.read_text()) or {}) if EQUIVALENT.exists() else set()
+    unchecked_before = [] if args.no_unchecked else last.get("unchecked", [])
+    again = sorted([*(name for name in last["survivors"] if name not in explained), *unchecked_before])
+    rerun = run_module(module, args.max_children, args.log, args.minutes, mutants=again, tests=args.tests)
     counts = dict(last["counts"])
-    for mutant in last["survivors"].values():
-        counts[mutant["status"]] -= 1
+    for name, mutant in last["survivors"].items():
+        if name in again:
+            counts[mutant["status"]] -= 1
+    counts["not checked"] = counts.get("not checked", 0) - len(unchecked_before)
     statuses = {name: "not checked" if name in rerun["unchecked"] else
-                rerun["survivors"].get(name, {}).get("status", "killed") for name in last["survivors"]}
+                rerun["survivors"].get(name, {}).get("status", "killed") for name in again}
     for status in statuses.values():
         counts[status] = counts.get(status, 0) + 1
-    survivors = {name: rerun["survivors"][name] for name, status in statuses.items()
-                 if status not in KILLED and status != "not checked"}
+    survivors = {name: mutant for name, mutant in last["survivors"].items() if name not in again}
+    survivors.update({name: rerun["survivors"][name] for name, status in statuses.items()
+                      if status not in KILLED and status != "not checked"})
     unchecked = [name for name, status in statuses.items() if status == "not checked"]
-    return {"tests": MODULES[module], "counts": {k: v for k, v in counts.items() if v}, "survivors": survivors,
-            "unchecked": unchecked}
+    unchecked += [name for name in last.get("unchecked", []) if name not in unchecked_before]
+    result = {"tests": MODULES[module], "counts": {k: v for k, v in counts.items() if v}, "survivors": survivors,
+              "unchecked": unchecked}
+    if args.tests:  # survivors of the full selection, rerun against the files holding the tests added since
+        result["rerun_tests"] = sorted({*last.get("rerun_tests", []), *args.tests})
+    return result
+
+
+def _keyword(module: str) -> list[str]:
+    return ["-k", KEYWORDS[module]] if module in KEYWORDS else []
+
+
+def tests_label(module: str) -> str:
+    """The module's tests as the report shows them (with the -k narrowing, if any)."""
+    return ", ".join(MODULES[module]) + (f" (-k '{KEYWORDS[module]}')" if module in KEYWORDS else "")
 
 
 def _env() -> dict[str, str]:
@@ -133,21 +165,24 @@ def write_report(results: dict[str, dict]) -> None:
              "Score = killed (incl. timeouts) / mutants checked; a run stopped by its time budget "
              "(`--minutes`) leaves the rest `not checked`; `killed by a later test` counts survivors of the "
              "recorded run that a test added afterwards kills (run with the mutant switched on); "
-             "`--survivors` reruns only last time's survivors through mutmut. "
+             "`--survivors` reruns only last time's unexplained survivors and unchecked mutants through mutmut "
+             "(with `--tests`, against the files holding the tests added since, named in the table). "
              "Every survivor is listed with why it cannot change "
              "a result (an equivalent mutant) or, when it could, is killed by a test and no longer listed.", "",
              "| module | tests | mutants | checked | killed | survived | other | score |",
              "|---|---|---|---|---|---|---|---|"]
     for module in MODULES:
         if module not in results:
-            lines.append(f"| `{module}` | {', '.join(MODULES[module])} | not run | | | | | |")
+            lines.append(f"| `{module}` | {tests_label(module)} | not run | | | | | |")
             continue
         r = results[module]
         total = sum(r["counts"].values())
         checked = total - r["counts"].get("not checked", 0)
         killed = sum(r["counts"].get(s, 0) for s in KILLED)
         survived = r["counts"].get("survived", 0)
-        lines.append(f"| `{module}` | {', '.join(r['tests'])} | {total} | {checked} | {killed} | {survived} | "
+        label = tests_label(module) + (f"; survivors rerun against {', '.join(r['rerun_tests'])}"
+                                       if r.get("rerun_tests") else "")
+        lines.append(f"| `{module}` | {label} | {total} | {checked} | {killed} | {survived} | "
                      f"{checked - killed - survived} | {score(r)} |")
     unexplained = []
     for module, r in results.items():
@@ -176,7 +211,12 @@ def main() -> int:
     parser.add_argument("--collect", type=Path, metavar="DIR",
                         help="only read the results of a mutmut run left in DIR (one MODULE)")
     parser.add_argument("--survivors", action="store_true",
-                        help="rerun only the mutants that survived last time (the module unchanged, tests added)")
+                        help="rerun only the mutants that survived without a reason or were not checked last time "
+                             "(the module unchanged, tests added)")
+    parser.add_argument("--no-unchecked", action="store_true",
+                        help="with --survivors: leave the mutants not checked last time unchecked")
+    parser.add_argument("--tests", nargs="+", metavar="FILE",
+                        help="with --survivors: run them against these test files only (where the new tests are)")
     parser.add_argument("--log", action="store_true", help="keep mutmut progress in $TMPDIR/ctlab-mutation-*.log")
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in MODULES]

@@ -1,16 +1,21 @@
 """Preprocessing: HU conversion, resampling, HU window, crop/pad and the NIfTI → canonical (D, H, W) axis order."""
 
+import gzip
+
 import numpy as np
 import pytest
 import torch
 
+from core.config import load_config
 from core.data.ctrate import parse_xy_spacing
 from core.data.intensity import ctclip as window
 from core.data.orientation import LPS_TO_DHW
 from core.data.preprocess import (
+    BadVolume,
     Preprocessing,
     crop_or_pad,
     decode,
+    decode_file,
     encode,
     load_nifti,
     preprocess_file,
@@ -145,3 +150,122 @@ def test_cache_encoding_round_trips(dtype, tolerance):
     decoded = decode(stored)
     assert decoded.dtype == torch.float32
     np.testing.assert_allclose(decoded.numpy(), values, atol=tolerance)
+
+
+def _chest(shape=(8, 8, 8)) -> np.ndarray:
+    """Stored values (LPS, already HU) of a plausible CT: air around a water block."""
+    raw = np.full(shape, -1000, dtype=np.int16)
+    raw[2:-2, 2:-2, 2:-2] = 40
+    return raw
+
+
+def test_non_finite_hu_is_a_bad_volume_saying_how_many_voxels():
+    raw = np.zeros((2, 2, 2), dtype=np.float32)
+    raw[0, 0, 0], raw[1, 1, 1] = np.nan, np.inf
+    with pytest.raises(BadVolume) as err:
+        to_hu(raw, 1.0, 0.0)
+    assert (err.value.reason, err.value.detail) == ("non_finite", "2 of 8 voxels are NaN or infinite")
+    assert str(err.value) == "non_finite: 2 of 8 voxels are NaN or infinite"
+
+
+@pytest.mark.parametrize("spacing", [(0.0, 0.75, 0.75), (1.5, float("inf"), 0.75), (1.5, 0.75, float("nan")),
+                                     (-1.5, 0.75, 0.75)])
+def test_a_spacing_that_is_not_positive_and_finite_is_a_bad_volume(tmp_path, spacing):
+    path = write_nifti(tmp_path / "v.nii.gz", _chest())
+    with pytest.raises(BadVolume) as err:
+        decode_file(path, Preprocessing((1.0, 1.0, 1.0), (8, 8, 8), WIDE), spacing=spacing)
+    assert (err.value.reason, err.value.detail) == ("bad_spacing", f"voxel spacing {spacing} mm")
+
+
+def test_a_metadata_row_without_an_intercept_is_no_rescale(tmp_path):
+    """Half a rescale (slope, no intercept) is not applied: the volume is read as if the CSV had no row."""
+    path = write_nifti(tmp_path / "v.nii.gz", _chest(), slope=None, inter=None)
+    prep = Preprocessing((1.0, 1.0, 1.0), (8, 8, 8), WIDE)
+    decoded = decode_file(path, prep, slope=2.0, intercept=None)
+    plain = decode_file(path, prep)
+    assert decoded.rescale == plain.rescale == "none" and decoded.spacing == (1.0, 1.0, 1.0)
+    np.testing.assert_array_equal(decoded.hu, plain.hu)
+    assert decoded.hu.min() == -1000.0 and decoded.hu.max() == 40.0
+
+
+def test_an_implausible_volume_is_a_bad_volume_with_the_reason(tmp_path):
+    path = write_nifti(tmp_path / "flat.nii.gz", np.zeros((8, 8, 8), dtype=np.int16))
+    with pytest.raises(BadVolume) as err:
+        decode_file(path, Preprocessing((1.0, 1.0, 1.0), (8, 8, 8), WIDE))
+    assert err.value.reason == "implausible_hu" and err.value.detail.startswith("every voxel holds 0 HU")
+
+
+@pytest.mark.parametrize(("make", "reason", "detail"), [
+    (lambda p: p.write_bytes(b""), "empty_file", "0 bytes"),
+    (lambda p: p.write_bytes(gzip.compress(b"not a nifti at all" * 40)), "unreadable", None),
+    (lambda p: write_nifti(p, np.zeros((6, 6), dtype=np.int16)), "bad_dims",
+     "array shape (6, 6), expected 3 axes (X, Y, Z)"),
+    (lambda p: write_nifti(p, np.zeros((6, 6, 4, 2), dtype=np.int16)), "bad_dims",
+     "array shape (6, 6, 4, 2), expected 3 axes (X, Y, Z)"),
+    (lambda p: write_nifti(p, np.zeros((6, 1, 4), dtype=np.int16)), "bad_dims",
+     "array shape (6, 1, 4) has an axis shorter than 2 voxels"),
+    (lambda p: write_nifti(p, np.zeros((6, 6, 1), dtype=np.int16)), "bad_dims",  # one slice: 3 axes, one too short
+     "array shape (6, 6, 1) has an axis shorter than 2 voxels"),
+])
+def test_unusable_files_are_bad_volumes_naming_why(tmp_path, make, reason, detail):
+    path = tmp_path / "v.nii.gz"
+    make(path)
+    with pytest.raises(BadVolume) as err:
+        load_nifti(path)
+    assert err.value.reason == reason
+    if detail is not None:
+        assert err.value.detail == detail
+    else:
+        assert err.value.detail  # the decoder's own error, named
+
+
+def test_a_trailing_length_one_axis_is_dropped_and_the_header_read(tmp_path):
+    raw = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4, 1)
+    path = write_nifti(tmp_path / "v.nii.gz", raw, zooms=(0.5, 0.7, 2.0, 1.0), slope=2.0, inter=-1024.0)
+    volume = load_nifti(path)
+    assert volume.raw.shape == (4, 6, 5) and volume.raw.dtype == np.int16
+    np.testing.assert_array_equal(volume.raw, raw[..., 0].transpose(2, 0, 1))  # unscaled, LPS → (D, H, W)
+    assert (volume.slope, volume.intercept) == (2.0, -1024.0)
+    assert volume.spacing == pytest.approx((2.0, 0.5, 0.7))
+    assert (volume.header_rescale.slope, volume.header_rescale.intercept) == (2.0, -1024.0)
+
+
+def test_an_axis_of_two_voxels_is_enough(tmp_path):
+    volume = load_nifti(write_nifti(tmp_path / "v.nii.gz", np.zeros((6, 2, 4), dtype=np.int16)))
+    assert volume.raw.shape == (4, 6, 2)
+
+
+def test_preprocessed_volume_is_float32_and_padded_with_exactly_minus_one(tmp_path):
+    path = write_nifti(tmp_path / "v.nii.gz", _chest())
+    out = preprocess_file(path, Preprocessing((1.0, 1.0, 1.0), (12, 8, 8), WIDE))
+    assert out.dtype == np.float32 and out.shape == (12, 8, 8)
+    assert (out[:2] == -1.0).all() and (out[-2:] == -1.0).all()
+    assert crop_or_pad(np.zeros((3, 3, 3), dtype=np.float32), (5, 5, 5)).dtype == np.float32
+
+
+def test_crop_or_pad_and_resampled_shape_reject_a_shape_of_another_rank():
+    with pytest.raises(ValueError):
+        crop_or_pad(np.zeros((4, 4, 4), dtype=np.float32), (4, 4, 4, 4))
+    with pytest.raises(ValueError):
+        resampled_shape((4, 4, 4), (1.0, 1.0), (1.0, 1.0, 1.0))
+
+
+def test_resampled_shape_keeps_at_least_one_voxel():
+    assert resampled_shape((1, 4, 4), (1.0, 1.0, 1.0), (10.0, 1.0, 1.0)) == (1, 4, 4)
+
+
+def test_resampling_samples_at_voxel_centres_as_torch_trilinear():
+    """Half-voxel convention (align_corners=False, as CT-CLIP's F.interpolate): doubling a ramp 0..3 samples it at
+    (i + 0.5) / 2 − 0.5, clamped at the ends."""
+    ramp = np.arange(4, dtype=np.float32).reshape(4, 1, 1) * np.ones((4, 2, 2), dtype=np.float32)
+    out = resample(ramp, (2.0, 1.0, 1.0), (1.0, 1.0, 1.0))
+    assert out.shape == (8, 2, 2) and out.dtype == np.float32
+    np.testing.assert_allclose(out[:, 0, 0], [0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0])
+
+
+def test_preprocessing_from_config_keeps_every_setting():
+    cfg = load_config(None, ["data.rescale=none", "data.intensity=dcformer", "data.target_spacing=[1.5, 0.75, 0.75]",
+                             "data.target_shape=[24, 48, 48]"]).data
+    prep = Preprocessing.from_config(cfg)
+    assert prep == Preprocessing((1.5, 0.75, 0.75), (24, 48, 48), tuple(map(float, cfg.hu_window)), rescale="none",
+                                 intensity="dcformer")

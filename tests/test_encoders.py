@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 from core.config import load_config
 from core.encoders import create_encoder, encoder_axes
-from core.encoders.base import AXES
+from core.encoders.base import AXES, resolve_axes, unsupported_axes
 from core.encoders.dcformer import DecomposedConv3d
 from core.registry import ATTENTION, ENCODERS, MLP, NORM, ConfigError
 
@@ -73,6 +73,45 @@ def test_unsupported_axis_is_rejected_by_name(name, axis):
     value = AXIS_REGISTRIES[axis].names()[0]
     with pytest.raises(ConfigError, match=f"encoder '{name}' has no {axis} axis"):
         create_encoder(encoder_config(name, f"model.{axis}={value}"), SHAPE)
+
+
+def test_an_unsupported_axis_says_what_the_encoder_takes_and_what_to_do():
+    cfg = encoder_config("convnext3d", "model.attention=sdpa")
+    reason = "encoder 'convnext3d' has no attention axis (model.attention=sdpa); it takes: norm, mlp"
+    assert unsupported_axes(cfg) == [reason]
+    with pytest.raises(ConfigError) as err:
+        resolve_axes(cfg)
+    assert str(err.value) == f"{reason} — change that key or pick an encoder that takes it"
+    both = encoder_config("dcformer_nano", "model.attention=sdpa", "model.norm=rmsnorm")
+    with pytest.raises(ConfigError) as err:
+        resolve_axes(both)
+    assert str(err.value).split("; it takes: mlp; ") == [
+        "encoder 'dcformer_nano' has no attention axis (model.attention=sdpa)",
+        "encoder 'dcformer_nano' has no norm axis (model.norm=rmsnorm); it takes: mlp — change that key or pick an "
+        "encoder that takes it"]
+
+
+def test_an_encoders_own_conflicts_see_the_resolved_axes():
+    """CT-ViT cannot run flash with its position bias: the config's attention (or the default) is what is checked."""
+    flash = encoder_config("ctvit", "model.attention=flash")
+    [reason] = unsupported_axes(flash)
+    assert reason.startswith("model.attention=flash cannot add CT-ViT's continuous position bias")
+    assert unsupported_axes(encoder_config("ctvit", "model.attention=flash",
+                                           "model.encoder_args={position_bias: none}")) == []
+    assert unsupported_axes(encoder_config("ctvit", "model.attention=standard")) == []
+    assert resolve_axes(encoder_config("ctvit", "model.mlp=swiglu")) == {"attention": "sdpa", "norm": "layernorm",
+                                                                          "mlp": "swiglu"}
+
+
+def test_a_misspelt_preset_or_encoder_arg_names_the_closest():
+    with pytest.raises(ConfigError) as err:
+        create_encoder(encoder_config("vit3d", "model.preset=tinny"), SHAPE)
+    assert str(err.value) == "model.preset: encoder 'vit3d' has no preset 'tinny'; did you mean 'tiny'? " \
+                             "(choices: tiny, base)"
+    with pytest.raises(ConfigError) as err:
+        create_encoder(encoder_config("vit3d", "model.encoder_args={dimm: 8}"), SHAPE)
+    assert str(err.value).startswith("unknown config key 'model.encoder_args.dimm'; did you mean 'dim'? ")
+    assert str(err.value).endswith("[encoder 'vit3d']")
 
 
 def test_declared_axes():

@@ -89,3 +89,19 @@ def test_state_metrics_log_the_temperature_and_bias():
 def test_bias_error_names_the_loss():
     with pytest.raises(ConfigError, match="loss 'ClipLoss' has no bias"):
         create_loss("clip", logit_bias_init=-5.0)
+
+
+@pytest.mark.parametrize("name", ["clip", "ctclip", "siglip"])
+def test_a_fixed_scale_is_a_buffer_that_no_optimizer_trains(name):
+    """``logit_scale_learnable: false`` (DCFormer's fixed temperature e): the scale is saved with the model but is
+    no parameter, so it gets no gradient and stays at its initial value; the learnable default is a parameter."""
+    x, y = (t.requires_grad_() for t in _embeddings())  # the embeddings train, the scale does not
+    fixed = create_loss(name, logit_scale_init=1.0, logit_scale_learnable=False)
+    assert "logit_scale" not in dict(fixed.named_parameters())
+    assert dict(fixed.named_buffers())["logit_scale"].item() == 1.0 and "logit_scale" in fixed.state_dict()
+    assert fixed.scale().item() == pytest.approx(math.e)
+    fixed(x, y).backward()
+    assert not fixed.logit_scale.requires_grad and fixed.logit_scale.grad is None
+    assert set(dict(fixed.named_parameters())) == ({"logit_bias"} if name == "siglip" else set())
+    learnable = create_loss(name, logit_scale_init=1.0)
+    assert "logit_scale" in dict(learnable.named_parameters()) and not dict(learnable.named_buffers())

@@ -1,0 +1,423 @@
+"""The matrix launcher's bookkeeping on real stores (Optuna SQLite storage, MLflow SQLite tracking), in seconds.
+
+A cell is claimed by exactly one worker; its state follows its trial (running, done, failed with the
+reason, pending again after a dead worker); a cell with a FINISHED run is never trained again; orphaned
+runs are closed; one parent run per matrix carries the counts and the failed and skipped cells; a failing
+cell is recorded and the matrix goes on. The end-to-end runs that really train (kill -9 and resume, two
+workers, bad data) are in tests/test_matrix_run.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from core.data.cache import index_path
+from core.tracking import Tracker, find_runs, get_client
+from experiments.launcher import (
+    CLAIM_PREFIX,
+    PARENT_PREFIX,
+    CellSampler,
+    LaunchOptions,
+    _enqueue_if_unreachable,
+    _record_failure,
+    cell_states,
+    close_orphans,
+    finished_run,
+    launch,
+    log_progress,
+    matrix_summary,
+    open_storage,
+    open_study,
+    parent_run_id,
+    prepare_data,
+    run_cell,
+    run_names,
+    try_claim,
+    work,
+)
+from experiments.matrix import Matrix, load_matrix
+
+EXPERIMENT = "launcher-test"
+
+
+@pytest.fixture(scope="module")
+def empty_tracking_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made (its migrations take seconds), copied for each test."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    get_client(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def opts(tmp_path, empty_tracking_store) -> LaunchOptions:
+    shutil.copy(empty_tracking_store, tmp_path / "mlflow.db")
+    return LaunchOptions(storage=f"sqlite:///{tmp_path}/optuna.db", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                         progress=False)
+
+
+def _matrix(tmp_path: Path, name: str = "lm", root: Path | None = None, cache: Path | None = None,
+            **fields) -> Matrix:
+    """Four runnable cells (attention × seed) and one skipped (a conv encoder given an attention).
+
+    Without ``root`` the data folder does not exist, so a cell that really starts training fails at once.
+    """
+    base = {"model": {"preset": "tiny", "text_encoder": "tiny-random"},
+            "data": {"root": str(root or tmp_path / "no-data"), "cache_dir": str(cache or tmp_path / "cache"),
+                     "target_shape": [16, 32, 32], "num_workers": 0},
+            "train": {"output_dir": str(tmp_path / "runs"), "lr": 0.001},
+            "tracking": {"uri": f"sqlite:///{tmp_path}/elsewhere.db", "experiment": EXPERIMENT}}
+    data = {"name": name, "base": base,
+            "axes": {"model.attention": ["standard", "sdpa"], "train.seed": [0, 1], "train.lr": [0.001]},
+            "include": [{"model.encoder": "convnext3d", "model.attention": "sdpa"}], **fields}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_matrix(path)
+
+
+def _cell(matrix: Matrix, attention: str, seed: int):
+    return next(c for c in matrix.runnable if c.config.model.attention == attention and c.config.train.seed == seed)
+
+
+def _finished(uri: str, matrix: str, cell_id: str, auroc: float) -> str:
+    """A FINISHED training run of the cell (what a worker leaves behind), with its zero-shot AUROC."""
+    tracker = Tracker(uri, EXPERIMENT, tags={"matrix": matrix, "cell_id": cell_id, "ctlab.kind": "train"})
+    tracker.log_metrics({"zeroshot_auroc": auroc}, step=3)
+    tracker.finish()
+    return tracker.run_id
+
+
+def _train_runs(uri: str, matrix: str = "lm") -> list:
+    return find_runs(uri, f"tags.matrix = '{matrix}' and tags.`ctlab.kind` = 'train'")
+
+
+def test_a_cell_is_claimed_once_and_its_state_follows_its_trial(tmp_path, opts):
+    matrix = _matrix(tmp_path)
+    storage = open_storage(opts)
+    study = open_study(matrix, storage)
+    a, b, c = _cell(matrix, "standard", 0), _cell(matrix, "standard", 1), _cell(matrix, "sdpa", 0)
+    [skipped] = [cell for cell in matrix.cells if not cell.runnable]
+    assert cell_states(matrix, storage, study) == {
+        **{cell.cell_id: ("pending", "") for cell in matrix.runnable},
+        skipped.cell_id: ("skipped", skipped.skip_reason)}
+    assert "has no attention axis" in skipped.skip_reason
+
+    # a claim of the same cell in another matrix (same config, same cell id) is not this matrix's claim
+    other = _matrix(tmp_path, name="lm2")
+    other_study = open_study(other, storage)
+    assert try_claim(storage, other, other_study, a.cell_id, other_study.ask().number)
+    assert cell_states(matrix, storage, study)[a.cell_id] == ("pending", "")
+
+    trial = study.ask()
+    assert try_claim(storage, matrix, study, a.cell_id, trial.number)
+    assert not try_claim(storage, matrix, study, a.cell_id, trial.number + 1)  # held by the first worker
+    claims = {s.study_name: s.user_attrs for s in storage.get_all_studies()
+              if s.study_name.startswith(f"{CLAIM_PREFIX}/lm/")}
+    assert claims == {f"{CLAIM_PREFIX}/lm/{a.cell_id}/0000": {"worker": f"{socket.gethostname()}:{os.getpid()}",
+                                                            "trial_number": trial.number}}
+    states = cell_states(matrix, storage, study)
+    assert states[a.cell_id] == ("running", f"{socket.gethostname()}:{os.getpid()}")
+    assert states[b.cell_id] == ("pending", "")
+    study.tell(trial, 0.7)
+    assert cell_states(matrix, storage, study)[a.cell_id] == ("done", "")
+    assert not try_claim(storage, matrix, study, a.cell_id, study.ask().number)  # done: never again
+
+    failing = study.ask()
+    assert try_claim(storage, matrix, study, b.cell_id, failing.number)
+    failing.set_user_attr("failure_reason", "NonFiniteLossError: loss is nan at step 2")
+    study.tell(failing, state=TrialState.FAIL)
+    assert cell_states(matrix, storage, study)[b.cell_id] == ("failed", "NonFiniteLossError: loss is nan at step 2")
+    assert not try_claim(storage, matrix, study, b.cell_id, study.ask().number)
+
+    dead = study.ask()  # a worker that died: its trial failed (stale heartbeat) without a reason
+    assert try_claim(storage, matrix, study, c.cell_id, dead.number)
+    study.tell(dead, state=TrialState.FAIL)
+    assert cell_states(matrix, storage, study)[c.cell_id] == ("pending", "retry after attempt 1")
+    retry = study.ask()
+    assert try_claim(storage, matrix, study, c.cell_id, retry.number)
+    assert storage.get_study_user_attrs(storage.get_study_id_from_name(
+        f"{CLAIM_PREFIX}/lm/{c.cell_id}/0001"))["trial_number"] == retry.number
+    assert cell_states(matrix, storage, study)[c.cell_id][0] == "running"  # the latest attempt decides
+    study.tell(retry, 0.6)
+    assert cell_states(matrix, storage, study)[c.cell_id] == ("done", "")
+
+
+def test_a_claim_for_a_trial_not_yet_in_the_study_counts_as_running(tmp_path, opts):
+    matrix = _matrix(tmp_path)
+    storage = open_storage(opts)
+    study = open_study(matrix, storage)
+    cell = matrix.runnable[0]
+    assert try_claim(storage, matrix, study, cell.cell_id, 999)
+    assert cell_states(matrix, storage, study)[cell.cell_id][0] == "running"
+
+
+def test_study_has_one_grid_point_per_runnable_cell(tmp_path, opts):
+    matrix = _matrix(tmp_path)
+    study = open_study(matrix, open_storage(opts))
+    assert isinstance(study.sampler, CellSampler)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE and study.study_name == "lm"
+    assert study.sampler._search_space == {"cell": sorted(c.cell_id for c in matrix.runnable)}
+    assert open_study(matrix, open_storage(opts))._study_id == study._study_id  # reopened, not duplicated
+
+
+def test_run_names_tell_cells_apart_and_the_summary_lists_failed_and_skipped_cells(tmp_path):
+    matrix = _matrix(tmp_path)
+    names = run_names(matrix)
+    a, b, c, d = (_cell(matrix, "standard", 0), _cell(matrix, "standard", 1), _cell(matrix, "sdpa", 0),
+                  _cell(matrix, "sdpa", 1))
+    [skipped] = [cell for cell in matrix.cells if not cell.runnable]
+    # the seed varies, so it is in the name; lr is an axis with one value, so it is not
+    assert names == {a.cell_id: "SA+GEGLU+LN · softmax · seed 0", b.cell_id: "SA+GEGLU+LN · softmax · seed 1",
+                     c.cell_id: "SDPA+GEGLU+LN · softmax · seed 0", d.cell_id: "SDPA+GEGLU+LN · softmax · seed 1",
+                     skipped.cell_id: "convnext3d SDPA+GELU+LN · softmax · seed 0"}
+    states = {a.cell_id: ("done", ""), b.cell_id: ("failed", "OOM at step 3"), c.cell_id: ("failed", ""),
+              d.cell_id: ("running", "host:1"), skipped.cell_id: ("skipped", skipped.skip_reason)}
+    assert matrix_summary(matrix, states) == "\n".join([
+        "Matrix **lm**: 5 cells — 1 done, 2 failed, 1 skipped, 1 running",
+        "", "**Failed cells**", "",
+        f"- SA+GEGLU+LN · softmax · seed 1 (`{b.cell_id}`): OOM at step 3",
+        f"- SDPA+GEGLU+LN · softmax · seed 0 (`{c.cell_id}`): no reason recorded",
+        "", "**Skipped cells**", "",
+        f"- convnext3d SDPA+GELU+LN · softmax · seed 0 (`{skipped.cell_id}`): {skipped.skip_reason}"])
+    pending = {cell.cell_id: ("pending", "") for cell in matrix.cells}
+    assert matrix_summary(matrix, pending) == "Matrix **lm**: 5 cells — 5 pending"
+
+
+def test_one_parent_run_per_matrix_with_its_cells_and_file(tmp_path, opts):
+    matrix = _matrix(tmp_path)
+    storage = open_storage(opts)
+    parent = parent_run_id(matrix, storage, opts.tracking_uri)
+    assert parent_run_id(matrix, storage, opts.tracking_uri) == parent  # found, not created again
+    assert [r.info.run_id for r in find_runs(opts.tracking_uri, "tags.matrix = 'lm'")] == [parent]
+    run = get_client(opts.tracking_uri).get_run(parent)
+    assert run.info.run_name == "lm" and run.info.status == "RUNNING"
+    assert get_client(opts.tracking_uri).get_experiment(run.info.experiment_id).name == EXPERIMENT
+    tags = run.data.tags
+    assert (tags["ctlab.kind"], tags["matrix"]) == ("matrix", "lm")
+    assert (tags["cells_total"], tags["cells_skipped"]) == ("5", "1")
+    states = {c.cell_id: ("pending", "") if c.runnable else ("skipped", c.skip_reason) for c in matrix.cells}
+    assert tags["mlflow.note.content"] == matrix_summary(matrix, states)
+    assert [a.path for a in get_client(opts.tracking_uri).list_artifacts(parent)] == ["lm.yaml"]
+    attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(f"{PARENT_PREFIX}/lm"))
+    assert attrs == {"run_id": parent}
+
+
+def test_a_worker_that_loses_the_parent_race_takes_the_winners_run(tmp_path, opts):
+    matrix = _matrix(tmp_path, name="raced")
+    storage = open_storage(opts)
+    claim = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], f"{PARENT_PREFIX}/raced")
+    storage.set_study_user_attr(claim, "run_id", "run-of-the-winner")
+    assert parent_run_id(matrix, storage, opts.tracking_uri) == "run-of-the-winner"
+    assert find_runs(opts.tracking_uri, "tags.matrix = 'raced'") == []
+
+
+def test_a_cell_with_a_finished_run_is_not_trained_again(tmp_path, opts):
+    matrix = _matrix(tmp_path)  # no data: training would fail
+    cell, other = matrix.runnable[:2]
+    assert finished_run(cell, matrix, opts.tracking_uri) is None
+    _finished(opts.tracking_uri, "another-matrix", cell.cell_id, 0.9)  # the same cell in another matrix
+    _finished(opts.tracking_uri, "lm", other.cell_id, 0.8)
+    killed = Tracker(opts.tracking_uri, EXPERIMENT, tags={"matrix": "lm", "cell_id": cell.cell_id})
+    killed.kill()
+    assert finished_run(cell, matrix, opts.tracking_uri) is None
+    run_id = _finished(opts.tracking_uri, "lm", cell.cell_id, 0.75)
+    assert finished_run(cell, matrix, opts.tracking_uri).info.run_id == run_id
+    before = {r.info.run_id for r in find_runs(opts.tracking_uri, "")}
+    assert run_cell(cell, matrix, "parent", opts) == 0.75
+    assert {r.info.run_id for r in find_runs(opts.tracking_uri, "")} == before
+
+
+def test_orphaned_running_runs_of_the_cell_are_marked_killed(tmp_path, opts):
+    matrix = _matrix(tmp_path)
+    cell, other = matrix.runnable[:2]
+
+    def running(matrix_name: str, cell_id: str) -> str:
+        return Tracker(opts.tracking_uri, EXPERIMENT, tags={"matrix": matrix_name, "cell_id": cell_id}).run_id
+
+    orphan, other_cell = running("lm", cell.cell_id), running("lm", other.cell_id)
+    other_matrix = running("x", cell.cell_id)
+    done = _finished(opts.tracking_uri, "lm", cell.cell_id, 0.5)
+    close_orphans(cell, matrix, opts.tracking_uri)
+    client = get_client(opts.tracking_uri)
+    assert {r: client.get_run(r).info.status for r in (orphan, other_cell, other_matrix, done)} == {
+        orphan: "KILLED", other_cell: "RUNNING", other_matrix: "RUNNING", done: "FINISHED"}
+
+
+def test_progress_counts_cells_on_the_parent_and_finishes_it_when_all_are_resolved(tmp_path, opts):
+    matrix = _matrix(tmp_path)
+    parent = parent_run_id(matrix, open_storage(opts), opts.tracking_uri)
+    a, b, c, d = matrix.runnable
+    [skipped] = [cell for cell in matrix.cells if not cell.runnable]
+    states = {a.cell_id: ("done", ""), b.cell_id: ("failed", "boom"), c.cell_id: ("running", "h:1"),
+              d.cell_id: ("pending", ""), skipped.cell_id: ("skipped", "no attention axis")}
+    log_progress(matrix, states, parent, opts.tracking_uri)
+    client = get_client(opts.tracking_uri)
+    run = client.get_run(parent)
+    assert run.info.status == "RUNNING"
+    assert (run.data.tags["cells_failed"], run.data.tags["cells_skipped"]) == ("1", "1")
+    assert run.data.tags["mlflow.note.content"] == matrix_summary(matrix, states)
+    logged = {k: [(m.step, m.value) for m in client.get_metric_history(parent, f"cells_{k}")]
+              for k in ("done", "failed", "skipped", "running", "pending")}
+    assert logged == {"done": [(3, 1)], "failed": [(3, 1)], "skipped": [(3, 1)], "running": [(3, 1)],
+                      "pending": [(3, 1)]}
+    states.update({c.cell_id: ("done", ""), d.cell_id: ("done", "")})
+    log_progress(matrix, states, parent, opts.tracking_uri)
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(parent, "cells_done")] == [(3, 1), (5, 3)]
+
+
+def test_rerunning_a_finished_matrix_trains_nothing_and_finishes_its_parent(tmp_path, opts):
+    matrix = _matrix(tmp_path)  # no data: a cell that really started training would fail
+    aurocs = {cell.cell_id: 0.5 + i / 10 for i, cell in enumerate(matrix.runnable)}
+    runs = {_finished(opts.tracking_uri, "lm", cid, auroc) for cid, auroc in aurocs.items()}
+    [skipped] = [cell for cell in matrix.cells if not cell.runnable]
+    states = work(matrix, opts)
+    assert states == {**{cid: ("done", "") for cid in aurocs}, skipped.cell_id: ("skipped", skipped.skip_reason)}
+    assert {r.info.run_id for r in _train_runs(opts.tracking_uri)} == runs  # no new run
+    study = optuna.load_study(study_name="lm", storage=opts.storage)
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert sorted((t.params["cell"], t.value) for t in study.trials) == sorted(aurocs.items())  # each cell once
+    [parent] = find_runs(opts.tracking_uri, "tags.matrix = 'lm' and tags.`ctlab.kind` = 'matrix'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics == {"cells_done": 4, "cells_failed": 0, "cells_skipped": 1, "cells_running": 0,
+                                   "cells_pending": 0}
+    assert work(matrix, opts) == states  # and again: nothing left to do
+    assert len(optuna.load_study(study_name="lm", storage=opts.storage).trials) == 4
+
+
+def test_a_cell_that_fails_before_training_is_recorded_and_the_matrix_goes_on(tmp_path, opts):
+    matrix = _matrix(tmp_path, axes={"model.attention": ["standard", "sdpa"]}, include=[])
+    good, bad = _cell(matrix, "standard", 0), _cell(matrix, "sdpa", 0)
+    _finished(opts.tracking_uri, "lm", good.cell_id, 0.7)
+    states = work(matrix, opts)  # the bad cell has no data to train on
+    reason = states[bad.cell_id][1]
+    assert states == {good.cell_id: ("done", ""), bad.cell_id: ("failed", reason)}
+    assert reason.startswith("ConfigError: data.root") and "does not exist" in reason
+    [failed] = [r for r in _train_runs(opts.tracking_uri) if r.data.tags["cell_id"] == bad.cell_id]
+    [parent] = find_runs(opts.tracking_uri, "tags.matrix = 'lm' and tags.`ctlab.kind` = 'matrix'")
+    assert failed.info.status == "FAILED" and failed.data.tags["failure_reason"] == reason
+    assert failed.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert failed.data.tags["cell_label"] == bad.label and failed.info.run_name == run_names(matrix)[bad.cell_id]
+    assert failed.data.params["model.attention"] == "sdpa"
+    trials = optuna.load_study(study_name="lm", storage=opts.storage).trials
+    assert [t.user_attrs["failure_reason"] for t in trials if t.state == TrialState.FAIL] == [reason]
+    assert parent.info.status == "FINISHED" and parent.data.tags["cells_failed"] == "1"
+    assert "**Failed cells**" in parent.data.tags["mlflow.note.content"]
+
+
+def test_a_failure_is_recorded_once(tmp_path, opts):
+    """A failing cell gets a FAILED run with the reason, unless its training run of this attempt exists."""
+    matrix = _matrix(tmp_path)
+    cell = matrix.runnable[0]
+    cfg = cell.config
+    cfg.tracking.uri, cfg.tracking.run_name = opts.tracking_uri, "cell run"
+    tags = {"matrix": "lm", "cell_id": cell.cell_id, "cell_label": cell.label}
+    earlier = Tracker(opts.tracking_uri, EXPERIMENT, tags=tags)
+    earlier.kill()  # an earlier attempt, ended before this one started
+    time.sleep(0.01)
+    started = int(time.time() * 1000)
+    other = matrix.runnable[1]  # another cell's run, started meanwhile by another worker: not this cell's
+    Tracker(opts.tracking_uri, EXPERIMENT, tags={**tags, "cell_id": other.cell_id})
+    _record_failure(cell, matrix, "parent-id", cfg, tags, "ConfigError: bad", started)
+    recorded = [r for r in find_runs(opts.tracking_uri, f"tags.matrix = 'lm' and tags.cell_id = '{cell.cell_id}'")
+                if r.info.run_id != earlier.run_id]
+    assert [(r.info.status, r.data.tags["failure_reason"], r.data.tags["mlflow.parentRunId"], r.info.run_name,
+             r.data.tags["ctlab.kind"], r.data.tags["cell_id"]) for r in recorded] == [
+        ("FAILED", "ConfigError: bad", "parent-id", "cell run", "train", cell.cell_id)]
+    assert recorded[0].data.params["model.attention"] == cfg.model.attention
+
+    time.sleep(0.01)
+    started = int(time.time() * 1000)
+    resumed = Tracker(opts.tracking_uri, EXPERIMENT, run_id=earlier.run_id)  # this attempt's run: resumed, failed
+    resumed.fail("NonFiniteLossError")
+    _record_failure(cell, matrix, "parent-id", cfg, tags, "NonFiniteLossError", started)
+    time.sleep(0.01)
+    started = int(time.time() * 1000)
+    fresh = Tracker(opts.tracking_uri, EXPERIMENT, tags=tags)  # this attempt's new run, still open
+    _record_failure(cell, matrix, "parent-id", cfg, tags, "OOM", started)
+    assert len(find_runs(opts.tracking_uri, f"tags.matrix = 'lm' and tags.cell_id = '{cell.cell_id}'")) == 3
+    assert fresh.run_id
+
+
+def test_a_retried_cell_the_sampler_considers_visited_is_queued_once(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db", sampler=CellSampler({"cell": ["a", "b"]}),
+                                direction="maximize")
+    trial = study.ask()
+    tried = trial.suggest_categorical("cell", ["a", "b"])
+    study.tell(trial, state=TrialState.FAIL)
+    untried = ({"a", "b"} - {tried}).pop()
+    _enqueue_if_unreachable(study, [untried])
+    assert study.get_trials(states=(TrialState.WAITING,)) == []  # the sampler proposes an unvisited cell itself
+    _enqueue_if_unreachable(study, [untried, tried])
+    _enqueue_if_unreachable(study, [untried, tried])
+    [waiting] = study.get_trials(states=(TrialState.WAITING,))
+    assert waiting.system_attrs["fixed_params"] == {"cell": tried}
+    study.optimize(lambda t: float(len(t.suggest_categorical("cell", ["a", "b"]))), n_trials=1)
+    assert study.trials[-1].params["cell"] == tried
+
+
+def test_prepare_data_caches_each_distinct_data_config_once(tmp_path, synthetic_source):
+    matrix = _matrix(tmp_path, root=synthetic_source, axes={"data.hu_window": [[-1000, 1000], [-1000, 200]],
+                                                            "train.seed": [0, 1]}, include=[])
+    prepare_data(matrix, progress=False)
+    configs = {repr(c.config.data): c.config.data for c in matrix.runnable}
+    assert len(configs) == 2
+    for data in configs.values():
+        assert index_path(data, "train").is_file() and index_path(data, "valid").is_file()
+    assert len({index_path(d, "train").parent.parent for d in configs.values()}) == 2
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One data cache for the launch tests (preparing the synthetic set takes seconds)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_launch_in_one_process_prepares_the_data_and_runs_the_matrix_in_the_given_stores(
+        tmp_path, opts, synthetic_source, shared_cache, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # nothing may be logged to a default store here
+    matrix = _matrix(tmp_path, root=synthetic_source, cache=shared_cache, axes={"model.attention": ["sdpa"]},
+                     include=[])
+    [cell] = matrix.runnable
+    run = _finished(opts.tracking_uri, "lm", cell.cell_id, 0.8)
+    assert launch(matrix, opts) == 0
+    assert index_path(cell.config.data, "train").is_file() and index_path(cell.config.data, "valid").is_file()
+    assert [r.info.run_id for r in _train_runs(opts.tracking_uri)] == [run]
+    [parent] = find_runs(opts.tracking_uri, "tags.matrix = 'lm' and tags.`ctlab.kind` = 'matrix'")
+    assert parent.info.status == "FINISHED"
+    [trial] = optuna.load_study(study_name="lm", storage=opts.storage).trials
+    assert (trial.state, trial.value) == (TrialState.COMPLETE, 0.8)
+    assert list((tmp_path / "cwd").iterdir()) == [] and not (tmp_path / "elsewhere.db").exists()
+
+
+def test_several_workers_need_the_matrix_file(tmp_path, opts, synthetic_source, shared_cache):
+    matrix = _matrix(tmp_path, root=synthetic_source, cache=shared_cache, axes={"model.attention": ["sdpa"]},
+                     include=[])
+    with pytest.raises(ValueError, match="matrix file path"):
+        launch(matrix, opts, workers=2)
+
+
+@pytest.mark.slow
+def test_two_worker_processes_rerun_a_finished_matrix_without_training(tmp_path, opts, synthetic_source,
+                                                                       shared_cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    matrix = _matrix(tmp_path, root=synthetic_source, cache=shared_cache,
+                     axes={"model.attention": ["standard", "sdpa"]}, include=[])
+    runs = {_finished(opts.tracking_uri, "lm", c.cell_id, 0.6) for c in matrix.runnable}
+    opts.heartbeat_s, opts.grace_s = 2, 4
+    assert launch(matrix, opts, workers=2, matrix_path=matrix.path) == 0
+    assert {r.info.run_id for r in _train_runs(opts.tracking_uri)} == runs
+    [parent] = find_runs(opts.tracking_uri, "tags.matrix = 'lm' and tags.`ctlab.kind` = 'matrix'")
+    assert parent.info.status == "FINISHED"
+    assert not (tmp_path / "elsewhere.db").exists()  # the workers logged where they were told
