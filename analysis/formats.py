@@ -39,6 +39,14 @@ def number(value: object, digits: int = 3, signed: bool = False) -> str:
     return f"{float(value):+.{digits}f}" if signed else f"{float(value):.{digits}f}"
 
 
+def significant(value: object, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant figures, whole numbers kept whole ("0.0312", "12.5", "1234")."""
+    if _missing(value):
+        return MISSING
+    v = float(value)
+    return f"{v:.0f}" if abs(v) >= 10**digits else f"{v:.{digits}g}"
+
+
 def with_ci(value: object, low: object, high: object, digits: int = 3, signed: bool = False) -> str:
     """"0.604 [0.581, 0.627]" (the 95 % CI in brackets when logged)."""
     text = number(value, digits, signed)
@@ -154,7 +162,7 @@ def efficiency_display(table: pd.DataFrame) -> pd.DataFrame:
         "Configuration": table["config"],
         "Params (M)": [number(v / 1e6, 2) for v in table["params_total"]],
         "Trainable (M)": [number(v / 1e6, 2) for v in table["params_trainable"]],
-        "GFLOPs": [number(v, 1) for v in table["gflops"]],
+        "GFLOPs": [significant(v) for v in table["gflops"]],  # a tiny CPU model does 0.03, a paper's 100s
         "Peak memory": memory,
         "Visual fwd (ms)": [number(v, 2) for v in table["visual_fwd_ms"]],
         "Visual bwd (ms)": [number(v, 2) for v in table["visual_bwd_ms"]],

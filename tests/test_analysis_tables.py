@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from analysis.figures import looks
-from analysis.formats import latex_escape, latex_table, markdown_table, performance_display
+from analysis.formats import latex_escape, latex_table, markdown_table, performance_display, significant
 from analysis.runs import first_protocol, run_params
 from analysis.tables import choose_baseline, effect_table, efficiency_table, performance_table
 from core.naming import AXES, component_values, config_label
@@ -209,3 +209,7 @@ def test_figure_looks_stay_distinct_for_large_and_repeated_matrices() -> None:
     seeds = _runs([{"attention": "standard", "loss": "clip"}] * 3)  # replicates: same components, own labels
     seeds["config"] = [f"SA+GELU+LN, softmax [{i}]" for i in range(3)]
     assert len({s.colour for s in _looks_distinct(seeds).values()}) == 3
+
+
+def test_significant_figures_keep_a_tiny_models_gflops_readable() -> None:
+    assert [significant(v) for v in (0.03124, 12.5, 312.4, 1234.4, None)] == ["0.0312", "12.5", "312", "1234", "–"]
