@@ -194,8 +194,10 @@ def _queued(array_id: str) -> list[str]:
     return lines
 
 
-def _logs(folder: Path) -> str:
-    return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(folder.rglob("*.err")))
+def _logs(folder: Path, tail: int | None = 3000) -> str:
+    """The workers' logs: the last ``tail`` characters of each (a failure message), or all of each (None)."""
+    texts = {p.name: p.read_text() for p in sorted(folder.rglob("*.err"))}
+    return "\n".join(f"== {name}\n{text[-tail:] if tail else text}" for name, text in texts.items())
 
 
 def _wait_done(array_id: str, logs: Path, timeout: float = 600) -> None:
@@ -286,11 +288,11 @@ def test_scancel_mid_cell_resumes_it_from_its_checkpoint_step_once(cluster, serv
     cell = next(c for c in cells if c.cell_id == run.data.tags["cell_id"])
     _wait_done(array_id, tmp_path / "slurm-logs")
 
-    logs = _logs(tmp_path / "slurm-logs")
+    logs, shown = _logs(tmp_path / "slurm-logs", tail=None), _logs(tmp_path / "slurm-logs")
     saved = re.search(rf"worker {victim} .*stopped: SIGTERM", logs)
-    assert saved, logs
+    assert saved, shown
     resumed = re.findall(rf"resuming \S*{cell.cell_id} from step (\d+)", logs)
-    assert len(resumed) == 1, logs
+    assert len(resumed) == 1, shown
     resumed_step = int(resumed[0])
     assert 3 <= resumed_step < steps  # from the step it was cancelled at, not from zero
     runs = _train_runs(server["uri"], "slurm-cancel")
@@ -333,13 +335,13 @@ def test_requeue_and_time_limit_signal_resume_cells_from_their_checkpoint(cluste
     assert len(interrupted) == 2, _logs(tmp_path / "slurm-logs")
     _wait_done(array_id, tmp_path / "slurm-logs")
 
-    logs = _logs(tmp_path / "slurm-logs")
-    assert "stopped: time limit or preemption signal" in logs and "requeued job" in logs, logs
+    logs, shown = _logs(tmp_path / "slurm-logs", tail=None), _logs(tmp_path / "slurm-logs")
+    assert "stopped: time limit or preemption signal" in logs and "requeued job" in logs, shown
     runs = _train_runs(server["uri"], "slurm-requeue")
     assert Counter(r.data.tags["cell_id"] for r in runs if r.info.status == "FINISHED") == {c: 1 for c in cells}
     for cid, (job, how) in interrupted.items():
         resumed = re.findall(rf"resuming \S*{cid} from step (\d+)", logs)
-        assert len(resumed) == 1 and 3 <= int(resumed[0]) < steps, (how, logs)
+        assert len(resumed) == 1 and 3 <= int(resumed[0]) < steps, (how, shown)
         final = next(r for r in runs if r.data.tags["cell_id"] == cid)
         assert _steps(server["uri"], final.info.run_id) == list(range(1, steps + 1))
         show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
