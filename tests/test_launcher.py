@@ -421,3 +421,27 @@ def test_two_worker_processes_rerun_a_finished_matrix_without_training(tmp_path,
     [parent] = find_runs(opts.tracking_uri, "tags.matrix = 'lm' and tags.`ctlab.kind` = 'matrix'")
     assert parent.info.status == "FINISHED"
     assert not (tmp_path / "elsewhere.db").exists()  # the workers logged where they were told
+
+
+def test_a_worker_with_nothing_pending_waits_for_another_workers_running_cell(tmp_path, opts):
+    """It stays (to take the cell over should that worker die) and leaves once the cell is done."""
+    import dataclasses
+    import threading
+
+    matrix = _matrix(tmp_path, axes={"model.attention": ["standard", "sdpa"]}, include=[])
+    done, held = _cell(matrix, "standard", 0), _cell(matrix, "sdpa", 0)
+    _finished(opts.tracking_uri, "lm", done.cell_id, 0.7)
+    storage = open_storage(opts)
+    study = open_study(matrix, storage)
+    other = study.ask()  # another worker's trial, training the held cell
+    assert try_claim(storage, matrix, study, held.cell_id, other.number)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(work(matrix, dataclasses.replace(opts, heartbeat_s=1))))
+    worker.start()
+    worker.join(timeout=3)
+    assert worker.is_alive() and not result  # waiting, not gone
+    study.tell(other, 0.6)
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert result == {done.cell_id: ("done", ""), held.cell_id: ("done", "")}
+    assert len(_train_runs(opts.tracking_uri)) == 1  # it trained nothing itself
