@@ -258,18 +258,25 @@ def _job_of(run) -> str:
     return run.data.tags["slurm.job_id"]
 
 
+INTERRUPTIBLE_STEPS = 60  # long enough to interrupt a cell mid-run; metrics logged every step
+
+
+def _submit_interruptible(tmp_path: Path, name: str, server: dict, synthetic: Path) -> tuple[Path, str, str]:
+    """A two-cell matrix of 60-step cells (checkpoint every 50) submitted as two workers: path, storage, array id."""
+    base = tiny_run(synthetic, tmp_path / "runs", steps=INTERRUPTIBLE_STEPS, checkpoint_every=50, log_every=1)
+    path = _write(tmp_path, name, base, {"model.attention": ["standard", "sdpa"]})
+    storage = server["database"]()
+    jobs = _submit(path, server["uri"], storage, 2)
+    return path, storage, jobs[0].split("_")[0]
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.postgres
 def test_scancel_mid_cell_resumes_it_from_its_checkpoint_step_once(cluster, server, synthetic, tmp_path):
-    out = tmp_path / "runs"
-    steps = 60
-    path = _write(tmp_path, "slurm-cancel", tiny_run(synthetic, out, steps=steps, checkpoint_every=50, log_every=1),
-                  {"model.attention": ["standard", "sdpa"]})
+    path, storage, array_id = _submit_interruptible(tmp_path, "slurm-cancel", server, synthetic)
+    steps = INTERRUPTIBLE_STEPS
     cells = load_matrix(path).runnable
-    storage = server["database"]()
-    jobs = _submit(path, server["uri"], storage, 2)
-    array_id = jobs[0].split("_")[0]
     deadline = time.time() + 300
     history: list[int] = []
     while time.time() < deadline:  # wait until some cell is mid-way
@@ -309,14 +316,9 @@ def test_scancel_mid_cell_resumes_it_from_its_checkpoint_step_once(cluster, serv
 @pytest.mark.slurm
 @pytest.mark.postgres
 def test_requeue_and_time_limit_signal_resume_cells_from_their_checkpoint(cluster, server, synthetic, tmp_path):
-    out = tmp_path / "runs"
-    steps = 60
-    path = _write(tmp_path, "slurm-requeue", tiny_run(synthetic, out, steps=steps, checkpoint_every=50, log_every=1),
-                  {"model.attention": ["standard", "sdpa"]})
+    path, _, array_id = _submit_interruptible(tmp_path, "slurm-requeue", server, synthetic)
+    steps = INTERRUPTIBLE_STEPS
     cells = {c.cell_id: c for c in load_matrix(path).runnable}
-    storage = server["database"]()
-    jobs = _submit(path, server["uri"], storage, 2)
-    array_id = jobs[0].split("_")[0]
     deadline = time.time() + 300
     interrupted: dict[str, tuple[str, str]] = {}  # cell → (job, how)
     while len(interrupted) < 2 and time.time() < deadline:
