@@ -20,6 +20,15 @@ def test_every_data_command_has_help(argv, capsys):
     assert "usage: ctlab data" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["prepare", "info"])
+def test_root_help_names_both_ct_rate_layouts(command, capsys):
+    """``--root`` takes a v2 download (``*_fixed`` folders) as well as v1; its help says so."""
+    with pytest.raises(SystemExit):
+        main(["data", command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "train_fixed/, valid_fixed/ (v2) or train/, valid/ (v1)" in text
+
+
 def test_synth_prepare_info_from_the_command_line(tmp_path, capsys):
     root, cache = tmp_path / "root", tmp_path / "cache"
     assert main(["data", "synth", "--out", str(root), "--train", "3", "--valid", "2", "--shape", *map(str, SHAPE),

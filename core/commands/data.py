@@ -81,7 +81,8 @@ def run_info(args: argparse.Namespace) -> int:
 def _add_data_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="run config YAML whose data: section to use "
                         "(e.g. experiments/configs/synthetic-tiny.yaml; default: CT-CLIP's preprocessing)")
-    parser.add_argument("--root", help="CT-RATE dataset folder (train/, valid/, radiology_text_reports/, ...)")
+    parser.add_argument("--root", help="CT-RATE's dataset folder: train_fixed/, valid_fixed/ (v2) or train/, valid/ "
+                        "(v1), found by themselves, plus radiology_text_reports/, multi_abnormality_labels/, metadata/")
     parser.add_argument("--cache", help="cache folder (data.cache_dir)")
     parser.add_argument("--splits", type=lambda text: [s for s in text.split(",") if s], default=["train", "valid"],
                         help="comma-separated splits (default: train,valid)")
