@@ -7,12 +7,18 @@ image encoder from one of the authors' files (github.com/mirthAI/DCFormer):
 - a ``DecompModel`` state dict: keys ``encoder.*`` and, for the quantiser,
   ``vq.*``;
 - a DCFormer CLIP checkpoint (``CTCLIP`` with ``reduction='channel'``, as
-  ``main_pretrain.py`` saves it, optionally under ``"model"``): the same keys
-  under ``visual_transformer.``, plus ``to_visual_latent.weight`` →
+  ``main_pretrain.py`` saves it: ``util/misc.py``'s ``save_model`` writes
+  ``{"model", "optimizer", "epoch", "scaler", "args"}`` with ``args`` an
+  ``argparse.Namespace``, which is let through ``torch.load``'s weights-only
+  unpickler; or the ``"model"`` state dict alone): the same keys under
+  ``visual_transformer.``, plus ``to_visual_latent.weight`` →
   ``visual_proj.weight``, ``to_text_latent.weight`` → ``text_proj.weight`` and
   ``text_transformer.*`` → the text encoder's transformers model (when
   ``model.text_encoder`` names the same BERT, e.g.
-  ``microsoft/BiomedVLP-CXR-BERT-specialized``).
+  ``microsoft/BiomedVLP-CXR-BERT-specialized``). The BERT's pooler
+  (``pooler.dense.*``, which ``BertModel.from_pretrained`` adds) is dropped:
+  DCFormer embeds the text by the last hidden state's CLS token, never the
+  pooler output, and our text encoder has no pooler.
 
 What is converted:
 
@@ -38,6 +44,7 @@ is a constant e, never saved: set ``model.logit_scale_init: 1.0`` and
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,7 +60,10 @@ BRANCH = {"1": 1, "2": 2, "3": 0}  # the authors' c1 / c2 / c3 (H / W / D) → o
 CLIP_PREFIX = "visual_transformer."
 PROJECTIONS = {"to_visual_latent.weight": "visual_proj.weight", "to_text_latent.weight": "text_proj.weight"}
 TEXT_PREFIX = "text_transformer."
-TEXT_DROPPED = ("embeddings.position_ids",)  # a non-persistent buffer older transformers saved
+TEXT_DROPPED = (
+    "embeddings.position_ids",  # a non-persistent buffer older transformers saved
+    "pooler.dense.weight", "pooler.dense.bias",  # BertModel's pooler: DCFormer pools the CLS hidden state
+)
 
 
 def _rename(key: str) -> str | None:
@@ -119,14 +129,16 @@ def convert_dcformer_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, 
 
 
 def _load_checkpoint(checkpoint: str | Path | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """A state dict from a path (``torch.load`` on CPU, tensors only) or as given; unwraps ``{"model": ...}``."""
+    """A state dict from a path (``torch.load`` on CPU, tensors and DCFormer's ``args`` only) or as given;
+    unwraps ``{"model": ...}``."""
     if isinstance(checkpoint, (str, Path)):
         path = Path(checkpoint)
         if not path.is_file():
             raise ConfigError(f"DCFormer checkpoint: no file {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickled args (argparse.Namespace) need weights_only=False: say so
+        try:  # main_pretrain.py saves its argparse.Namespace beside the weights: the one non-tensor type let in
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # anything else pickled needs weights_only=False: say so
             raise ConfigError(f"DCFormer checkpoint {path}: cannot be read with torch.load(weights_only=True) "
                               f"({type(err).__name__}: {err}); save its 'model' state dict alone and load that") \
                 from None

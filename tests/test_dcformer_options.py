@@ -17,9 +17,11 @@ from core.lora import apply_adaptation
 from core.model import build_model
 from core.optim import create_optimizer
 from core.registry import ConfigError
+from experiments.matrix import load_matrix
 from tests.data_fixtures import write_nifti
 
-CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+CONFIGS = EXPERIMENTS / "configs"
 HU = np.array([-3024.0, -1000.0, -700.0, -400.0, 0.0, 200.0, 500.0, 1000.0, 2000.0], dtype=np.float32)
 
 
@@ -111,3 +113,19 @@ def test_the_dcformer_preset_is_the_papers_setting():
     assert (t.batch_size, t.epochs, t.warmup_steps, t.weight_decay, t.betas) == (8, 15, 0, 0.05, [0.9, 0.95])
     assert t.lr == pytest.approx(1e-5 * 8 / 256)  # blr × batch / 256 on one GPU (× GPUs under torchrun)
     assert "fixed0.5" in cfg.eval.protocols
+
+
+@pytest.mark.parametrize(("matrix_file", "codebook"), [("encoders.yaml", None), ("encoders-gpu.yaml", 8192)])
+def test_the_encoder_matrices_run_dcformer_at_its_setting_and_the_others_at_ours(matrix_file, codebook):
+    """DCFormer cells: its intensities, softmax CLIP loss at the fixed e, its stem (and quantiser on real data);
+    every other encoder keeps CT-CLIP's intensities and the matrix's shared loss."""
+    cells = load_matrix(EXPERIMENTS / matrix_file).cells
+    dcformer = [c.config for c in cells if c.config.model.encoder.startswith("dcformer_")]
+    others = [c.config for c in cells if not c.config.model.encoder.startswith("dcformer_")]
+    assert sorted(cfg.model.encoder for cfg in dcformer) == ["dcformer_naive", "dcformer_nano", "dcformer_tiny"]
+    for cfg in dcformer:
+        m = cfg.model
+        assert (cfg.data.intensity, m.loss, m.logit_scale_init, m.logit_scale_learnable) == (
+            "dcformer", "clip", 1.0, False), m.encoder
+        assert m.encoder_args.get("codebook_size") == codebook and "stem_act" not in m.encoder_args, m.encoder
+    assert others and all(cfg.data.intensity == "ctclip" and cfg.model.logit_scale_learnable for cfg in others)

@@ -9,6 +9,8 @@ indices, and fvcore's train-mode FLOP count at the fixture's input.
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import sys
 from pathlib import Path
 
@@ -112,6 +114,39 @@ def test_a_dcformer_clip_checkpoint_loads_with_its_projection(tmp_path, volume):
         latent = model.encode_image(volume)
     torch.testing.assert_close(latent, F.normalize(FIXTURE["variants"]["nano"]["vq_pooled"] @ projection.t(), dim=-1),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_a_checkpoint_as_main_pretrain_saves_it_loads_with_its_text_tower(tmp_path, volume):
+    """util/misc.py's save_model: {model, optimizer, epoch, scaler, args (an argparse.Namespace)}; the CLIP state
+    holds the BERT as BertModel.from_pretrained builds it, pooler included, which DCFormer never uses."""
+    from core.text import _tiny_random_model
+
+    torch.manual_seed(0)
+    bert = _tiny_random_model().eval()  # a BertModel with its pooler, as DCFormer's text_transformer
+    assert bert.pooler is not None
+    state = {f"visual_transformer.{k}": v for k, v in authors_state("nano").items()}
+    state.update({f"text_transformer.{k}": v for k, v in bert.state_dict().items()})
+    image_proj = torch.randn(512, 256, generator=torch.Generator().manual_seed(1))
+    text_proj = torch.randn(512, bert.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    state.update({"to_visual_latent.weight": image_proj, "to_text_latent.weight": text_proj})
+    args = argparse.Namespace(model="decomp_nano", reduction="channel", input_size=512, batch_size=8, blr=1e-5)
+    path = tmp_path / "checkpoint-14.pth"
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 14,
+                "scaler": {"scale": 65536.0}, "args": args}, path)
+    cfg = dcformer_config("nano", "model.encoder_args={codebook_size: 8192}", "model.text_pool=cls")
+    model = load_dcformer(path, cfg).eval()
+    tokens = model.tokenize(["Left lung nodule.", "No pleural effusion."])
+    with torch.no_grad():
+        cls = bert(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])[0][:, 0, :]
+        torch.testing.assert_close(model.encode_text(tokens["input_ids"], tokens["attention_mask"]),
+                                   F.normalize(cls @ text_proj.t(), dim=-1), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model.encode_image(volume),
+                                   F.normalize(FIXTURE["variants"]["nano"]["vq_pooled"] @ image_proj.t(), dim=-1),
+                                   atol=1e-5, rtol=1e-5)
+    # a pickled object other than DCFormer's args is still refused, with the way out
+    torch.save({"model": state, "saved": datetime.date(2025, 2, 7)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="save its 'model' state dict alone"):
+        load_dcformer(tmp_path / "other.pth", cfg)
 
 
 @pytest.mark.parametrize(("edit", "overrides", "message"), [
