@@ -90,9 +90,21 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Start ``model`` from the weights of a checkpoint (``train.init_from``: a run's or a converted one).
 
     Strict: a tensor the checkpoint lacks or has in another shape is an error naming it (the config must
-    describe the same architecture, e.g. the config ``ctlab convert`` wrote).
+    describe the same architecture, e.g. the config ``ctlab convert`` wrote). A missing or unreadable file, or
+    one without this suite's ``model`` entry (a CT-CLIP or DCFormer state_dict given as is), is an error naming
+    ``train.init_from`` and the converter.
     """
-    weights = load_checkpoint(path)["model"]
+    hint = "give the model.pt that a run or `ctlab convert ctclip|dcformer` wrote"
+    if not Path(path).is_file():
+        raise ConfigError(f"train.init_from={path}: no such file; {hint}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a truncated or foreign file
+        raise ConfigError(f"train.init_from={path}: cannot be read ({type(err).__name__}: {err}); {hint}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        raise ConfigError(f"train.init_from={path}: not a checkpoint of this suite (no 'model' state_dict in it; "
+                          f"another codebase's state_dict is converted first); {hint}")
+    weights = payload["model"]
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:

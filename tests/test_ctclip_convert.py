@@ -239,3 +239,16 @@ def test_init_from_a_checkpoint_of_another_architecture_fails_naming_it(tmp_path
     with pytest.raises(ConfigError, match=r"train.init_from=.*model.pt: the checkpoint does not fit.*visual_proj"):
         load_model_weights(model, path)
     load_model_weights(build_model(small_config(bert_folder)), path)  # the same architecture loads
+
+
+def test_init_from_a_missing_file_or_an_unconverted_ctclip_checkpoint_fails_naming_the_converter(tmp_path,
+                                                                                                   bert_folder):
+    from core.checkpoint import load_model_weights
+    from core.model import build_model
+
+    model = build_model(small_config(bert_folder))
+    with pytest.raises(ConfigError, match=r"train.init_from=.*nope.pt: no such file; .*ctlab convert"):
+        load_model_weights(model, tmp_path / "nope.pt")
+    with pytest.raises(ConfigError, match=r"train.init_from=.*ctclip_small.pt: not a checkpoint of this suite.*"
+                                          r"ctlab convert ctclip"):
+        load_model_weights(model, CHECKPOINT)  # CT-CLIP's own state_dict, not converted

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -138,6 +140,26 @@ def test_vq_training_is_straight_through_with_ema_and_commitment():
     untouched = torch.ones(8, dtype=torch.bool)
     untouched[won] = False
     assert torch.equal(vq.embed[untouched], before[untouched])
+
+
+def test_vq_training_step_matches_ctclips_quantiser():
+    """One training step against vector-quantize-pytorch 1.1.2 (CT-CLIP's pinned quantiser, fixture made by its
+    code) on a codebook of unequal row norms: codes, output, commitment loss, straight-through gradient, and the
+    EMA update of every row — including the rows no token won, which move toward their unit-normalised self."""
+    step = torch.load(Path(__file__).resolve().parent / "fixtures" / "ctclip" / "vq_train.pt", weights_only=True)
+    vq = VectorQuantizer(8, 16).train()
+    vq.embed.copy_(step["embed_before"])
+    x = step["x"].clone().requires_grad_(True)
+    quantized, indices, aux = vq(x)
+    (quantized * step["grad_out"]).sum().backward()
+    assert torch.equal(indices, step["indices"])
+    assert torch.allclose(quantized, step["quantized"], atol=1e-6)
+    assert torch.allclose(aux, step["commit_loss"], atol=1e-6)
+    assert torch.allclose(x.grad, step["grad_x"], atol=1e-6)
+    unwon = torch.ones(16, dtype=torch.bool)
+    unwon[indices.unique()] = False
+    assert unwon.any() and not torch.allclose(step["embed_after"][unwon], step["embed_before"][unwon])
+    assert torch.allclose(vq.embed, step["embed_after"], atol=1e-6)
 
 
 def test_ctclip_loss_uses_ctclips_unclamped_temperature():

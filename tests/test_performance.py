@@ -244,13 +244,20 @@ def test_option_configs_put_each_option_on_the_modern_row(tiny_overrides):
     assert list(configs) == [BASELINE, f"{BASELINE} fp16", MODERN, f"{MODERN} +bf16", f"{MODERN} +conv-patch",
                              f"{MODERN} +all"]
     base, modern, combined = configs[BASELINE], configs[MODERN], configs[f"{MODERN} +all"]
-    assert (base.model.attention, base.model.norm, base.model.mlp) == ("standard", "layernorm", "gelu")
+    # CT-ViT's baseline feed-forward is CT-CLIP's GEGLU (the seed paper's "GELU")
+    assert (base.model.encoder, base.model.attention, base.model.norm, base.model.mlp) == (
+        "ctvit", "standard", "layernorm", "geglu")
     assert (modern.model.attention, modern.model.norm, modern.model.mlp) == ("sdpa", "rmsnorm", "swiglu")
     assert configs[f"{BASELINE} fp16"].train.precision == "fp16" and base.train.precision == "fp32"
     assert configs[f"{MODERN} +bf16"].train.precision == "bf16"
     assert configs[f"{MODERN} +conv-patch"].model.encoder_args["patch_embed"] == "conv"
     assert combined.train.precision == "bf16" and combined.model.encoder_args["patch_embed"] == "conv"
     assert combined.model.encoder_args["patch"] == 8  # the shared overrides survive
+
+
+def test_option_baseline_of_an_encoder_without_ctclips_feed_forward_is_gelu():
+    base = option_configs(["model.encoder=vit3d", "model.preset=tiny", "data.target_shape=[16, 32, 32]"], ["bf16"])
+    assert (base[BASELINE].model.attention, base[BASELINE].model.mlp) == ("standard", "gelu")
 
 
 def test_unknown_option_names_the_closest():

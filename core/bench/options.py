@@ -1,7 +1,10 @@
 """Performance options side by side: the baseline, the modern configuration, each option on top, all of them.
 
-The baseline is CT-CLIP's transformer (standard attention + GELU + LayerNorm),
-the modern configuration the seed paper's swap (sdpa + SwiGLU + RMSNorm). Each
+The baseline is CT-CLIP's transformer (standard attention + GELU + LayerNorm,
+the seed paper's name for it; its "GELU" is the encoder's own baseline
+feed-forward, ``baseline_axes``: CT-CLIP's GEGLU in CT-ViT, a GELU MLP in the
+others), the modern configuration the seed paper's swap (sdpa + SwiGLU +
+RMSNorm). Each
 performance option is a set of config overrides (``OPTIONS``) measured on top
 of the modern configuration alone, then all of them together, in one
 ``core.bench.model.compare`` run (repeats alternating across configs), so every
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 from core.bench.model import BenchSubject
 from core.bench.probes import bench_device, timed
 from core.config import Config, load_config
+from core.encoders import encoder_axes
 from core.registry import ConfigError, closest
 
 BASELINE_AXES = {"model.attention": "standard", "model.mlp": "gelu", "model.norm": "layernorm"}
@@ -64,20 +68,30 @@ def _overrides(mapping: Mapping[str, Any]) -> list[str]:
     return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in mapping.items()]
 
 
+def baseline_axes(base: Sequence[str]) -> dict[str, str]:
+    """The baseline row's axes for the encoder ``base`` names: standard attention, LayerNorm, and the encoder's own
+    default feed-forward when that is CT-CLIP's GEGLU (CT-ViT, whose "GELU" baseline in the seed paper is GEGLU),
+    else GELU."""
+    mlp = encoder_axes(load_config(None, list(base)).model.encoder).get("mlp")
+    return {**BASELINE_AXES, "model.mlp": "geglu"} if mlp == "geglu" else dict(BASELINE_AXES)
+
+
 def option_configs(
     base: Sequence[str],
     options: Sequence[str],
     precision: str = "fp32",
     extra_baselines: Sequence[str] = (),
 ) -> dict[str, Config]:
-    """The configs of an options table, labelled: the baseline and the modern configuration at ``precision``,
+    """The configs of an options table, labelled: the baseline (``baseline_axes``) and the modern configuration at
+    ``precision``,
     the baseline again at each of ``extra_baselines`` (other precisions), the modern one with each option,
     and with all options together (when there are two or more). ``base`` = dotted overrides shared by all."""
     options = check_options(options)
     common = [*base, f"train.precision={precision}"]
-    rows: dict[str, list[str]] = {BASELINE: [*common, *_overrides(BASELINE_AXES)]}
+    baseline = _overrides(baseline_axes(base))
+    rows: dict[str, list[str]] = {BASELINE: [*common, *baseline]}
     for other in extra_baselines:
-        rows[f"{BASELINE} {other}"] = [*common, *_overrides(BASELINE_AXES), f"train.precision={other}"]
+        rows[f"{BASELINE} {other}"] = [*common, *baseline, f"train.precision={other}"]
     modern = [*common, *_overrides(MODERN_AXES)]
     rows[MODERN] = modern
     for name in options:

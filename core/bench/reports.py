@@ -229,7 +229,9 @@ def run_options(args: argparse.Namespace) -> int:
         for key in ("memory_vs_modern", "speedup_vs_modern", "pays"):
             frame[key] = frame["label"].map(lambda label, k=key: verdicts.get(label, {}).get(k))
         notes = [f"# {args.encoder} ({args.preset}) at {shape}: performance options on {where}",
-                 *run_notes(comparison, [f"options: {', '.join(f'{k} = {OPTIONS[k]}' for k in args.options)}; "
+                 *run_notes(comparison, [f"{BASELINE} = {configs[BASELINE].model.attention} attention, "
+                                         f"{configs[BASELINE].model.mlp} feed-forward, {configs[BASELINE].model.norm}; "
+                                         f"options: {', '.join(f'{k} = {OPTIONS[k]}' for k in args.options)}; "
                                          "memory_vs_modern / speedup_vs_modern read each option against the modern "
                                          "row; pays = cuts peak memory or step time there by more than 3 %"])]
         columns = ["label", "precision", "peak_memory_mb", "memory_ratio", "step_ms", "step_ms_min", "step_ms_max",

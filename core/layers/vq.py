@@ -10,8 +10,10 @@ module is that configuration's arithmetic, step for step:
   a straight-through gradient, ``x + (q − x).detach()``, so the encoder's
   gradient passes unchanged;
 - codebook update in training (no gradient): EMA with decay 0.8 of the
-  l2-normalised mean of the normalised tokens each code won, rows that won
-  nothing stay; no dead-code replacement, no k-means init;
+  l2-normalised mean of the normalised tokens each code won; a row that won
+  nothing moves toward its own unit-normalised copy (it stays once it is
+  unit-norm, as at init; a trained CT-CLIP codebook is not); no dead-code
+  replacement, no k-means init;
 - under DDP the EMA statistics (how many tokens each code won, their sum)
   are summed over ranks before the update, as the package's
   ``sync_codebook=True`` does, so every rank applies the update the global
@@ -27,7 +29,8 @@ rows (a trained CT-CLIP codebook is not unit-norm, so codes change), the
 straight-through gradient passes through the input's l2-norm, the rotation
 trick is on by default and the EMA keeps a separate running sum. Hence the
 arithmetic is written out here; ``tests/fixtures/ctclip`` checks it against
-vector-quantize-pytorch 1.1.2 itself.
+vector-quantize-pytorch 1.1.2 itself: the codes CT-CLIP's encoder picks, and
+one training step (``vq_train.pt``: output, commitment loss, gradient, EMA).
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, embed: torch.Tensor) -> None:
-        """Move each winning row toward the normalised mean of its tokens on every rank (decay ``self.decay``)."""
+        """Move each winning row toward the normalised mean of its tokens, every other row toward its unit-normalised
+        copy, on every rank (decay ``self.decay``)."""
         bins = flat.new_zeros(self.codebook_size).index_add_(0, indices, flat.new_ones(indices.shape))
         sums = torch.zeros_like(embed).index_add_(0, indices, flat)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
