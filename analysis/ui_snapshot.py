@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+log = logging.getLogger(__name__)
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--disable-sync", "--window-size=1600,1000")
 # the expand button of a parent run; expanded ones show a minus sign (this path), collapsed ones a plus
@@ -36,6 +38,12 @@ EXPAND_PARENTS = ("document.querySelectorAll('button[data-component-id*=runnamec
 PAGE_TEXT = "document.body ? document.body.innerText : ''"
 CLOSE_ASSISTANT = '[data-component-id="mlflow.assistant.chat_panel.close"]'
 RUN_NAME_HEADER = '.ag-header-cell[col-id="attributes.`Run Name`"]'
+RUN_NAME_CELL = '.ag-cell[col-id="attributes.`Run Name`"]'
+# run names in view that the table cuts with an ellipsis, and how many pixels the most-cut one lacks
+CUT_RUN_NAMES = ("(() => { const cut = []; let lack = 0; document.querySelectorAll(" + json.dumps(RUN_NAME_CELL)
+                 + ").forEach(c => c.querySelectorAll('*').forEach(e => { if (e.scrollWidth > e.clientWidth && "
+                 "getComputedStyle(e).textOverflow === 'ellipsis') { cut.push(e.innerText); "
+                 "lack = Math.max(lack, e.scrollWidth - e.clientWidth); } })); return {cut, lack}; })()")
 SEARCH_BOX = '[data-testid="search-box"]'
 T = TypeVar("T")
 
@@ -138,17 +146,34 @@ class Page:
         await self.call("Input.dispatchMouseEvent", type="mouseReleased", x=x1, y=y, button="left", clickCount=1)
         await self.call("Input.dispatchMouseEvent", type="mouseMoved", x=1, y=1)  # no tooltip left over
 
-    async def tidy_runs_table(self, name_width: int = 380) -> None:
-        """Close the assistant side panel and widen the Run Name column so whole names show in a screenshot."""
-        await self.evaluate(f"document.querySelector({json.dumps(CLOSE_ASSISTANT)})?.click()")
-        await asyncio.sleep(1)
+    async def _widen_run_names(self, to_width: float) -> None:
+        """Drag the Run Name column's right edge out until the column is ``to_width`` pixels wide."""
         box = await self.evaluate(f"(() => {{ const h = document.querySelector({json.dumps(RUN_NAME_HEADER)}); "
                                   "if (!h) return null; const r = h.getBoundingClientRect(); "
                                   "return [r.right, r.top + r.height / 2, r.width]; })()")
         if box:
             right, middle, width = box
-            await self.drag(right - 2, middle, right - 2 + max(0, name_width - width))
-            await asyncio.sleep(1)
+            if (widen := to_width - width) > 0:
+                await self.drag(right - 2, middle, right - 2 + widen)
+                await asyncio.sleep(1)
+
+    async def tidy_runs_table(self, name_width: int = 380) -> None:
+        """Close the assistant side panel and widen the Run Name column so whole names show in a screenshot."""
+        await self.evaluate(f"document.querySelector({json.dumps(CLOSE_ASSISTANT)})?.click()")
+        await asyncio.sleep(1)
+        await self._widen_run_names(name_width)
+
+    async def fit_run_names(self, max_width: int = 760) -> list[str]:
+        """Widen the Run Name column until no run name in view is cut by an ellipsis (at most ``max_width``
+        pixels wide), so a screenshot shows whole names: "… · frozen_text · seed 1" loses the seed that tells two
+        runs apart when cut. Returns the names still cut (none when all fit)."""
+        found = await self.evaluate(CUT_RUN_NAMES) or {"cut": [], "lack": 0}
+        if found["lack"] > 0:
+            width = await self.evaluate(f"document.querySelector({json.dumps(RUN_NAME_HEADER)})"
+                                        "?.getBoundingClientRect().width") or max_width
+            await self._widen_run_names(min(max_width, width + found["lack"] + 16))
+            found = await self.evaluate(CUT_RUN_NAMES) or found
+        return list(found["cut"])
 
     async def screenshot(self, path: Path) -> None:
         """Save the visible page as a PNG."""
@@ -182,6 +207,8 @@ async def _render(url: str, screenshot: Path | None, expect: str | Callable[[str
         await page.tidy_runs_table()
         await page.evaluate(EXPAND_PARENTS)
         await asyncio.sleep(2)
+        if cut := await page.fit_run_names():
+            log.warning("%d run name(s) stay cut in the runs table: %s", len(cut), "; ".join(cut[:3]))
         if screenshot is not None:
             await page.screenshot(screenshot)
         return await page.text()
@@ -201,13 +228,15 @@ def render_runs_page(ui_url: str, experiment_id: str, screenshot: Path | None = 
 @dataclass
 class MatrixView:
     """What the UI showed of one matrix: the runs table with the parent collapsed and expanded, the table after
-    a search, the parent run's artifact list and its report.md preview."""
+    a search, the parent run's artifact list and its report.md preview; the run names the expanded table still
+    cut with an ellipsis after widening its Run Name column (none when every name shows whole)."""
 
     collapsed: str
     expanded: str
     searched: str
     artifacts: str
     report: str
+    cut_names: list[str]
 
 
 def browse_matrix(ui_url: str, experiment_id: str, parent_run_id: str, search: str, runs_png: Path | None = None,
@@ -222,6 +251,7 @@ def browse_matrix(ui_url: str, experiment_id: str, parent_run_id: str, search: s
         await page.tidy_runs_table()
         await page.evaluate(EXPAND_PARENTS)
         expanded = await page.wait_for(lambda t: len(t) > len(collapsed), 20)
+        cut_names = await page.fit_run_names()
         if runs_png is not None:
             await page.screenshot(runs_png)
         await page.type_into(SEARCH_BOX, search)
@@ -230,7 +260,7 @@ def browse_matrix(ui_url: str, experiment_id: str, parent_run_id: str, search: s
         searched = await page.wait_for(lambda t: False, 0, settle=3.0)
         artifacts, report = await _open_artifact(page, base, experiment_id, parent_run_id, "report.md",
                                                  "Ablation report", artifacts_png, timeout)
-        return MatrixView(collapsed, expanded, searched, artifacts, report)
+        return MatrixView(collapsed, expanded, searched, artifacts, report, cut_names)
 
     return asyncio.run(browse(steps))
 

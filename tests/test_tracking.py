@@ -1,8 +1,10 @@
 import json
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import tomllib
 from mlflow import MlflowClient
 
 from core.config import load_config
@@ -150,6 +152,16 @@ def test_system_metrics_are_sampled_only_when_on(store, interval):
     metrics = MlflowClient(store).get_run(tracker.run_id).data.metrics
     sampled = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
     assert sampled is (interval is not None)
+
+
+def test_gpu_requirements_install_what_gpu_system_metrics_need():
+    """``pip install -r requirements-gpu.txt`` (what the README tells a CUDA machine) installs the gpu extra,
+    nvidia-ml-py included: without it MLflow's system metrics have no GPU utilisation or memory."""
+    root = Path(__file__).resolve().parents[1]
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    lines = (root / "requirements-gpu.txt").read_text().splitlines()
+    listed = {line.split("#")[0].strip() for line in lines} - {""}
+    assert "nvidia-ml-py>=12" in extra and set(extra) <= listed, sorted(set(extra) - listed)
 
 
 def test_tracking_config_switches_system_metrics_off():

@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from mlflow import MlflowClient
 
 from analysis.ui_snapshot import browse_matrix, free_port, wait_for_http
 from core.cli import main
+from core.tracking import Tracker
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 SOFTMAX, SIGMOID = "SA+GELU+LN · softmax", "SA+GELU+LN · sigmoid"
@@ -36,11 +39,30 @@ def _matrix(tmp_path: Path) -> Path:
     return path
 
 
-def test_matrix_is_readable_in_the_ui(tmp_path, monkeypatch):
+def _need_chromium() -> None:
     if shutil.which("chromium") is None:
         if os.environ.get("CTLAB_REQUIRE_SERVICES"):
             pytest.fail("CTLAB_REQUIRE_SERVICES is set but chromium is not installed")
         pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
+@contextmanager
+def _served(uri: str, cwd: Path, output: list[str]) -> Iterator[str]:
+    """``ctlab ui`` on ``uri`` for the block; yields its URL and appends what it printed to ``output``."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "core.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
+                              cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", timeout=180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, 15)
+        output.append(server.communicate(timeout=30)[0])
+
+
+def test_matrix_is_readable_in_the_ui(tmp_path, monkeypatch):
+    _need_chromium()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -67,18 +89,11 @@ def test_matrix_is_readable_in_the_ui(tmp_path, monkeypatch):
         assert "system/cpu_utilization_percentage" in run.data.metrics
     assert parent.data.metrics["configurations"] == 2
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "core.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", timeout=180)
-        view = browse_matrix(f"http://127.0.0.1:{port}", experiment_id, parent.info.run_id, "tags.loss = 'siglip'",
+    output: list[str] = []
+    with _served(uri, tmp_path, output) as url:
+        view = browse_matrix(url, experiment_id, parent.info.run_id, "tags.loss = 'siglip'",
                              tmp_path / "runs.png", tmp_path / "artifacts.png")
-    finally:
-        os.killpg(server.pid, 15)
-        output = server.communicate(timeout=30)[0]
-    assert f"http://127.0.0.1:{port}" in output  # ctlab ui printed its URL
+    assert url in output[0]  # ctlab ui printed its URL
     # nested: the children show only once the parent row is expanded, listed below it
     assert "uitest" in view.collapsed and SOFTMAX not in view.collapsed and SIGMOID not in view.collapsed
     table = view.expanded[view.expanded.index("Run Name"):]
@@ -86,8 +101,31 @@ def test_matrix_is_readable_in_the_ui(tmp_path, monkeypatch):
     for run in children.values():
         assert run.data.tags["cell_id"] not in view.expanded  # names, not hashes
     assert "data/train" in view.expanded  # the Dataset column: train split of data root "data"
+    assert view.cut_names == []
     assert SIGMOID in view.searched and SOFTMAX not in view.searched, view.searched[:1500]
     assert "report.md" in view.artifacts and "figures" in view.artifacts and "tables" in view.artifacts
     assert "Ablation report: uitest" in view.report
     assert (tmp_path / "runs.png").stat().st_size > 20_000
     assert (tmp_path / "artifacts.png").stat().st_size > 20_000
+
+
+def test_long_run_names_show_whole_in_the_runs_table(tmp_path, monkeypatch):
+    """A name too long for the Run Name column's first width is not cut: "… · frozen_text · se…" would hide the
+    seed that tells two runs of one configuration apart."""
+    _need_chromium()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    names = [f"dcformer_nano SDPA+SwiGLU+RMSNorm · {loss} · frozen_text · seed {seed}"
+             for loss in ("sigmoid", "softmax") for seed in (0, 1)]
+    parent = Tracker(uri, "long", run_name="long", tags={"ctlab.kind": "matrix", "matrix": "long"})
+    parent.log_text("# Ablation report: long\n", "report.md")
+    for name in names:
+        Tracker(uri, "long", run_name=name, parent_run_id=parent.run_id,
+                tags={"loss": "siglip" if "sigmoid" in name else "clip"}).finish()
+    parent.finish()
+    experiment_id = MlflowClient(uri).get_experiment_by_name("long").experiment_id
+
+    with _served(uri, tmp_path, []) as url:
+        view = browse_matrix(url, experiment_id, parent.run_id, "tags.loss = 'siglip'")
+    assert all(name in view.expanded for name in names)
+    assert view.cut_names == [], view.cut_names  # the Run Name column was widened to fit every name
