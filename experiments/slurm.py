@@ -253,6 +253,9 @@ class SlurmWorker:
         if self._interrupted:  # already stopping: let the checkpoint finish
             return
         self._interrupted = True
+        # when the signal arrived, apart from when the stop completes (the step in flight ends first)
+        log.warning("worker %s: stop requested by %s; the cell stops at the end of its current step", slurm_job_key(),
+                    reason)
         STEP_BOUNDARY.interrupt(WorkerInterrupted(reason, requeue))  # a training step in flight completes first
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
