@@ -28,7 +28,7 @@ from core.registry import ConfigError
 from core.tracking import find_runs
 from experiments.launcher import LaunchOptions
 from experiments.matrix import load_matrix
-from experiments.slurm import make_executor, sbatch_parameters, slurm_options, time_minutes
+from experiments.slurm import make_executor, sbatch_parameters, slurm_options, time_minutes, worker_launch
 from experiments.slurm_env import slurm_identity, worker_detail
 from experiments.status import status_table
 from tests.run_fixtures import tiny_run
@@ -79,6 +79,15 @@ def test_sbatch_script_carries_the_cluster_settings(tmp_path):
                  "--signal=USR2@120"):
         assert f"#SBATCH {line}\n" in script
     assert "module load cuda" in script
+
+
+def test_worker_jobs_train_each_cell_with_one_process_per_gpu():
+    opts = LaunchOptions(storage="postgresql+psycopg://db/optuna", tracking_uri="http://mlflow:5000", heartbeat_s=7)
+    four = LaunchOptions(**worker_launch(opts, slurm_options({"gpus_per_worker": 4})))
+    assert (four.nproc_per_cell, four.progress, four.storage, four.tracking_uri, four.heartbeat_s) == \
+        (4, False, opts.storage, opts.tracking_uri, 7)
+    assert LaunchOptions(**worker_launch(opts, slurm_options({}))).nproc_per_cell == 1  # CPU-only: in-process
+    assert LaunchOptions(**worker_launch(opts, slurm_options({"gpus_per_worker": 1}))).nproc_per_cell == 1
 
 
 def test_runs_and_status_name_the_job_and_node():
