@@ -253,6 +253,9 @@ class SlurmWorker:
         if self._interrupted:  # already stopping: let the checkpoint finish
             return
         self._interrupted = True
+        # when the signal arrived, apart from when the stop completes (the step in flight ends first)
+        log.warning("worker %s: stop requested by %s; the cell stops at the end of its current step", slurm_job_key(),
+                    reason)
         STEP_BOUNDARY.interrupt(WorkerInterrupted(reason, requeue))  # a training step in flight completes first
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -313,6 +316,12 @@ def make_executor(slurm: SlurmOptions, workers: int, name: str) -> Any:
     return executor
 
 
+def worker_launch(opts: Any, slurm: SlurmOptions) -> dict[str, Any]:
+    """The launch options each worker job runs with: the submitter's stores and heartbeats, no progress bars (a
+    log file, not a terminal), and each cell trained by one process per GPU of the job (torchrun when > 1)."""
+    return {**asdict(opts), "progress": False, "nproc_per_cell": max(1, slurm.gpus_per_worker)}
+
+
 def submit(matrix: Any, opts: Any, slurm: SlurmOptions, workers: int) -> list[str]:
     """Check the setup, prepare data and shared state, then submit ``workers`` array tasks; their job ids."""
     from experiments.launcher import open_storage, open_study, parent_run_id, prepare_data
@@ -326,7 +335,7 @@ def submit(matrix: Any, opts: Any, slurm: SlurmOptions, workers: int) -> list[st
     storage = open_storage(opts)  # tables, study and parent run exist before any worker starts
     open_study(matrix, storage)
     parent_run_id(matrix, storage, opts.tracking_uri)
-    launch = {**asdict(opts), "progress": False, "nproc_per_cell": max(1, slurm.gpus_per_worker)}
+    launch = worker_launch(opts, slurm)
     executor = make_executor(slurm, workers, matrix.name)
     jobs = executor.map_array(SlurmWorker(str(Path(matrix.path).resolve()), launch), list(range(workers)))
     return [job.job_id for job in jobs]

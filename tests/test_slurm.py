@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -26,11 +28,11 @@ from core.registry import ConfigError
 from core.tracking import find_runs
 from experiments.launcher import LaunchOptions
 from experiments.matrix import load_matrix
-from experiments.slurm import make_executor, sbatch_parameters, slurm_options, time_minutes
+from experiments.slurm import make_executor, sbatch_parameters, slurm_options, time_minutes, worker_launch
 from experiments.slurm_env import slurm_identity, worker_detail
 from experiments.status import status_table
 from tests.run_fixtures import tiny_run
-from tests.services import postgres_databases
+from tests.services import StepGate, postgres_databases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +79,15 @@ def test_sbatch_script_carries_the_cluster_settings(tmp_path):
                  "--signal=USR2@120"):
         assert f"#SBATCH {line}\n" in script
     assert "module load cuda" in script
+
+
+def test_worker_jobs_train_each_cell_with_one_process_per_gpu():
+    opts = LaunchOptions(storage="postgresql+psycopg://db/optuna", tracking_uri="http://mlflow:5000", heartbeat_s=7)
+    four = LaunchOptions(**worker_launch(opts, slurm_options({"gpus_per_worker": 4})))
+    assert (four.nproc_per_cell, four.progress, four.storage, four.tracking_uri, four.heartbeat_s) == \
+        (4, False, opts.storage, opts.tracking_uri, 7)
+    assert LaunchOptions(**worker_launch(opts, slurm_options({}))).nproc_per_cell == 1  # CPU-only: in-process
+    assert LaunchOptions(**worker_launch(opts, slurm_options({"gpus_per_worker": 1}))).nproc_per_cell == 1
 
 
 def test_runs_and_status_name_the_job_and_node():
@@ -258,94 +269,108 @@ def _job_of(run) -> str:
     return run.data.tags["slurm.job_id"]
 
 
-INTERRUPTIBLE_STEPS = 60  # long enough to interrupt a cell mid-run; metrics logged every step
+INTERRUPTIBLE_STEPS = 12  # metrics logged every step, a periodic checkpoint every 3 steps
+HELD_STEP = 5  # where the gate parks a cell for the test to stop it: after the checkpoint at 3, before the one at 6
 
 
-def _submit_interruptible(tmp_path: Path, name: str, server: dict, synthetic: Path) -> tuple[Path, str, str]:
-    """A two-cell matrix of 60-step cells (checkpoint every 50) submitted as two workers: path, storage, array id."""
-    base = tiny_run(synthetic, tmp_path / "runs", steps=INTERRUPTIBLE_STEPS, checkpoint_every=50, log_every=1)
+@contextmanager
+def _interruptible(tmp_path: Path, name: str, server: dict, synthetic: Path,
+                   held: int) -> Iterator[tuple[Path, str, str, StepGate]]:
+    """A two-cell matrix submitted as two workers that log through a StepGate holding the first ``held`` cells
+    inside step HELD_STEP: path, storage, array id and the gate (open until the block ends)."""
+    base = tiny_run(synthetic, tmp_path / "runs", steps=INTERRUPTIBLE_STEPS, checkpoint_every=3, log_every=1)
     path = _write(tmp_path, name, base, {"model.attention": ["standard", "sdpa"]})
     storage = server["database"]()
-    jobs = _submit(path, server["uri"], storage, 2)
-    return path, storage, jobs[0].split("_")[0]
+    with StepGate(server["uri"], HELD_STEP, runs=held) as gate:
+        jobs = _submit(path, gate.uri, storage, 2)
+        yield path, storage, jobs[0].split("_")[0], gate
+
+
+def _held_run(gate: StepGate, nth: int, uri: str, array_id: str, logs: Path, timeout: float = 300):
+    """The ``nth`` run (1-based) the gate holds inside step HELD_STEP, once it is there."""
+    deadline = time.time() + timeout
+    while len(gate.held()) < nth:
+        if time.time() > deadline:
+            subprocess.run(["scancel", array_id], timeout=30)
+            pytest.fail(f"no cell reached step {HELD_STEP} in {timeout:.0f} s:\n{_logs(logs)}")
+        _queued(array_id)  # a requeued worker starts now, not after SLURM's requeue delay
+        time.sleep(0.3)
+    run = MlflowClient(uri).get_run(gate.held()[nth - 1])
+    assert _steps(uri, run.info.run_id) == list(range(1, HELD_STEP))  # parked inside the step: none past it logged
+    return run
+
+
+def _stop_held(gate: StepGate, run, command: list[str], logs: Path) -> None:
+    """Send ``command`` (scancel / scontrol requeue / a signal) to the held run's job; once its worker logs the
+    request, let the step end, so the stop lands on step HELD_STEP exactly."""
+    job = _job_of(run)
+    subprocess.run(command, check=True, timeout=30)
+    deadline = time.time() + 60
+    while not re.search(rf"worker {job}: stop requested by ", _logs(logs, tail=None)):
+        if time.time() > deadline:
+            gate.release(run.info.run_id)
+            subprocess.run(["scancel", job.split("_")[0]], timeout=30)
+            pytest.fail(f"worker {job} did not receive {' '.join(command)} in 60 s:\n{_logs(logs)}")
+        time.sleep(0.1)
+    gate.release(run.info.run_id)
 
 
 @pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.postgres
 def test_scancel_mid_cell_resumes_it_from_its_checkpoint_step_once(cluster, server, synthetic, tmp_path):
-    path, storage, array_id = _submit_interruptible(tmp_path, "slurm-cancel", server, synthetic)
-    steps = INTERRUPTIBLE_STEPS
+    logs = tmp_path / "slurm-logs"
+    with _interruptible(tmp_path, "slurm-cancel", server, synthetic, held=1) as (path, storage, array_id, gate):
+        run = _held_run(gate, 1, server["uri"], array_id, logs)
+        victim = _job_of(run)
+        table = status_table(load_matrix(path), LaunchOptions(storage=storage, tracking_uri=server["uri"]))
+        holder = table.set_index("cell").loc[run.data.tags["cell_id"]]
+        assert (holder["state"], holder["detail"]) == ("running", f"job {victim} on {run.data.tags['slurm.node']}")
+        _stop_held(gate, run, ["scancel", victim], logs)
+        _wait_done(array_id, logs)
     cells = load_matrix(path).runnable
-    deadline = time.time() + 300
-    history: list[int] = []
-    while time.time() < deadline:  # wait until some cell is mid-way
-        runs = [r for r in _train_runs(server["uri"], "slurm-cancel") if r.info.status == "RUNNING"]
-        history = _steps(server["uri"], runs[0].info.run_id) if runs else []
-        if history and 3 <= max(history) < steps // 2:
-            break
-        time.sleep(0.3)
-    assert history, _logs(tmp_path / "slurm-logs")
-    run = runs[0]
-    victim = _job_of(run)
-    table = status_table(load_matrix(path), LaunchOptions(storage=storage, tracking_uri=server["uri"]))
-    holder = table.set_index("cell").loc[run.data.tags["cell_id"]]
-    assert (holder["state"], holder["detail"]) == ("running", f"job {victim} on {run.data.tags['slurm.node']}")
-    subprocess.run(["scancel", victim], check=True, timeout=30)
     cell = next(c for c in cells if c.cell_id == run.data.tags["cell_id"])
-    _wait_done(array_id, tmp_path / "slurm-logs")
 
-    logs, shown = _logs(tmp_path / "slurm-logs", tail=None), _logs(tmp_path / "slurm-logs")
-    saved = re.search(rf"worker {victim} .*stopped: SIGTERM", logs)
-    assert saved, shown
-    resumed = re.findall(rf"resuming \S*{cell.cell_id} from step (\d+)", logs)
-    assert len(resumed) == 1, shown
-    resumed_step = int(resumed[0])
-    assert 3 <= resumed_step < steps  # from the step it was cancelled at, not from zero
+    text, shown = _logs(logs, tail=None), _logs(logs)
+    assert re.search(rf"worker {victim} .*stopped: SIGTERM", text), shown
+    resumed = [int(s) for s in re.findall(rf"resuming \S*{cell.cell_id} from step (\d+)", text)]
+    assert resumed == [HELD_STEP], shown  # the step it was cancelled in, not the checkpoint at 3 nor zero
     runs = _train_runs(server["uri"], "slurm-cancel")
     assert Counter(r.data.tags["cell_id"] for r in runs if r.info.status == "FINISHED") == \
         {c.cell_id: 1 for c in cells}
     final = next(r for r in runs if r.data.tags["cell_id"] == cell.cell_id)
     assert final.info.run_id == run.info.run_id and final.info.status == "FINISHED"
-    assert _steps(server["uri"], final.info.run_id) == list(range(1, steps + 1))  # every step once: no retraining
+    assert _steps(server["uri"], final.info.run_id) == list(range(1, INTERRUPTIBLE_STEPS + 1))  # each step once
     assert _job_of(final) != victim  # the other worker finished it
-    print(f"scancel {victim}: cell {cell.cell_id} ({cell.label}) resumed from step {resumed_step} by {_job_of(final)}")
+    print(f"scancel {victim}: cell {cell.cell_id} ({cell.label}) resumed from step {resumed[0]} by {_job_of(final)}")
 
 
 @pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.postgres
 def test_requeue_and_time_limit_signal_resume_cells_from_their_checkpoint(cluster, server, synthetic, tmp_path):
-    path, _, array_id = _submit_interruptible(tmp_path, "slurm-requeue", server, synthetic)
-    steps = INTERRUPTIBLE_STEPS
-    cells = {c.cell_id: c for c in load_matrix(path).runnable}
-    deadline = time.time() + 300
+    logs = tmp_path / "slurm-logs"
     interrupted: dict[str, tuple[str, str]] = {}  # cell → (job, how)
-    while len(interrupted) < 2 and time.time() < deadline:
-        for run in _train_runs(server["uri"], "slurm-requeue"):
-            cid = run.data.tags["cell_id"]
-            if cid in interrupted or run.info.status != "RUNNING":
-                continue
-            history = _steps(server["uri"], run.info.run_id)
-            if history and 3 <= max(history) < steps // 2:
-                how = "requeue" if not interrupted else "USR2"
-                command = ["scontrol", "requeue", _job_of(run)] if how == "requeue" else \
-                    ["scancel", "--signal=USR2", _job_of(run)]
-                subprocess.run(command, check=True, timeout=30)
-                interrupted[cid] = (_job_of(run), how)
-        time.sleep(0.3)
-    assert len(interrupted) == 2, _logs(tmp_path / "slurm-logs")
-    _wait_done(array_id, tmp_path / "slurm-logs")
+    with _interruptible(tmp_path, "slurm-requeue", server, synthetic, held=2) as (path, _, array_id, gate):
+        for nth, how in enumerate(("requeue", "USR2"), start=1):  # each cell as it reaches the step
+            run = _held_run(gate, nth, server["uri"], array_id, logs)
+            job = _job_of(run)
+            _stop_held(gate, run, ["scontrol", "requeue", job] if how == "requeue" else
+                       ["scancel", "--signal=USR2", job], logs)
+            interrupted[run.data.tags["cell_id"]] = (job, how)
+        _wait_done(array_id, logs)
+    cells = {c.cell_id: c for c in load_matrix(path).runnable}
+    assert set(interrupted) == set(cells)
 
-    logs, shown = _logs(tmp_path / "slurm-logs", tail=None), _logs(tmp_path / "slurm-logs")
-    assert "stopped: time limit or preemption signal" in logs and "requeued job" in logs, shown
+    text, shown = _logs(logs, tail=None), _logs(logs)
+    assert "stopped: time limit or preemption signal" in text and "requeued job" in text, shown
     runs = _train_runs(server["uri"], "slurm-requeue")
     assert Counter(r.data.tags["cell_id"] for r in runs if r.info.status == "FINISHED") == {c: 1 for c in cells}
     for cid, (job, how) in interrupted.items():
-        resumed = re.findall(rf"resuming \S*{cid} from step (\d+)", logs)
-        assert len(resumed) == 1 and 3 <= int(resumed[0]) < steps, (how, shown)
+        resumed = [int(s) for s in re.findall(rf"resuming \S*{cid} from step (\d+)", text)]
+        assert resumed == [HELD_STEP], (how, shown)
         final = next(r for r in runs if r.data.tags["cell_id"] == cid)
-        assert _steps(server["uri"], final.info.run_id) == list(range(1, steps + 1))
+        assert _steps(server["uri"], final.info.run_id) == list(range(1, INTERRUPTIBLE_STEPS + 1))
         show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
         assert "Restarts=1" in show, show  # the same job ran again
         print(f"{how} {job}: cell {cid} ({cells[cid].label}) resumed from step {resumed[0]}")
