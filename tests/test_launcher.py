@@ -438,7 +438,12 @@ def test_a_worker_with_nothing_pending_waits_for_another_workers_running_cell(tm
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(work(matrix, dataclasses.replace(opts, heartbeat_s=1))))
     worker.start()
-    worker.join(timeout=3)
+    # the worker has resolved the other cell once the parent run counts it; it then finds nothing to claim
+    deadline = time.time() + 120
+    while not [r for r in find_runs(opts.tracking_uri, "tags.`ctlab.kind` = 'matrix'")
+               if r.data.metrics.get("cells_done") == 1] and time.time() < deadline:
+        time.sleep(0.2)
+    worker.join(timeout=3)  # a few of its 1 s polls of the running cell
     assert worker.is_alive() and not result  # waiting, not gone
     study.tell(other, 0.6)
     worker.join(timeout=30)
