@@ -376,6 +376,16 @@ def test_prepare_data_caches_each_distinct_data_config_once(tmp_path, synthetic_
     assert len({index_path(d, "train").parent.parent for d in configs.values()}) == 2
 
 
+def test_prepare_data_prepares_only_the_splits_the_cells_read(tmp_path, synthetic_source):
+    """A matrix evaluating on train (no valid split read) leaves the valid split unprepared: on CT-RATE that
+    split is thousands of volumes."""
+    matrix = _matrix(tmp_path, root=synthetic_source, axes={"eval.split": ["train"]}, include=[])
+    prepare_data(matrix, progress=False)
+    [cell] = matrix.runnable
+    assert index_path(cell.config.data, "train").is_file()
+    assert not index_path(cell.config.data, "valid").exists()
+
+
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory) -> Path:
     """One data cache for the launch tests (preparing the synthetic set takes seconds)."""
