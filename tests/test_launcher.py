@@ -191,6 +191,13 @@ def test_run_names_tell_cells_apart_and_the_summary_lists_failed_and_skipped_cel
     assert matrix_summary(matrix, pending) == "Matrix **lm**: 5 cells — 5 pending"
 
 
+def test_run_names_show_a_nested_axis_by_its_last_key(tmp_path):
+    """``model.encoder_args.codebook_size`` reads as "codebook_size 16", not "encoder_args.codebook_size 16"."""
+    matrix = _matrix(tmp_path, axes={"model.encoder_args.codebook_size": [0, 16]}, include=[])
+    assert sorted(run_names(matrix).values()) == ["SDPA+GEGLU+LN · softmax · codebook_size 0",
+                                                  "SDPA+GEGLU+LN · softmax · codebook_size 16"]
+
+
 def test_one_parent_run_per_matrix_with_its_cells_and_file(tmp_path, opts):
     matrix = _matrix(tmp_path)
     storage = open_storage(opts)
