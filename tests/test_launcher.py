@@ -226,6 +226,34 @@ def test_a_worker_that_loses_the_parent_race_takes_the_winners_run(tmp_path, opt
     assert find_runs(opts.tracking_uri, "tags.matrix = 'raced'") == []
 
 
+def test_a_worker_that_loses_the_parent_race_waits_for_the_winners_run(tmp_path, opts):
+    """The winner has claimed the parent but not yet created its run: the loser waits for it, never makes one."""
+    import threading
+
+    matrix = _matrix(tmp_path, name="raced")
+    storage = open_storage(opts)
+    claim = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], f"{PARENT_PREFIX}/raced")
+    found: list[str] = []
+    loser = threading.Thread(target=lambda: found.append(parent_run_id(matrix, storage, opts.tracking_uri)))
+    loser.start()
+    time.sleep(1.0)
+    storage.set_study_user_attr(claim, "run_id", "run-of-the-winner")
+    loser.join(timeout=30)
+    assert found == ["run-of-the-winner"]
+    assert find_runs(opts.tracking_uri, "tags.matrix = 'raced'") == []
+
+
+def test_a_matrix_rerun_on_a_new_optuna_storage_keeps_its_parent_run(tmp_path, opts):
+    """The parent is found in the MLflow store first, so a fresh Optuna storage does not start a second one."""
+    import dataclasses
+
+    matrix = _matrix(tmp_path)
+    first = parent_run_id(matrix, open_storage(opts), opts.tracking_uri)
+    fresh = dataclasses.replace(opts, storage=f"sqlite:///{tmp_path}/optuna-new.db")
+    assert parent_run_id(matrix, open_storage(fresh), opts.tracking_uri) == first
+    assert len(find_runs(opts.tracking_uri, "tags.matrix = 'lm' and tags.`ctlab.kind` = 'matrix'")) == 1
+
+
 def test_a_cell_with_a_finished_run_is_not_trained_again(tmp_path, opts):
     matrix = _matrix(tmp_path)  # no data: training would fail
     cell, other = matrix.runnable[:2]
