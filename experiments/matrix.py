@@ -144,6 +144,10 @@ def load_matrix(source: str | Path | dict[str, Any]) -> Matrix:
     assignments += [dict(extra) for extra in data.get("include") or [] if dict(extra) not in assignments]
     if not assignments:
         raise ConfigError(f"matrix '{name}': no cells — declare 'axes' or 'include'")
+    if tracked := sorted({key for a in assignments for key in a if key.startswith("tracking.")}):
+        raise ConfigError(f"matrix '{name}': {', '.join(tracked)} cannot vary between cells: tracking settings "
+                          "belong to the whole matrix (one store and experiment with its parent run, and a cell's id "
+                          "leaves them out); set them in 'base'")
     base_seed = int(apply_overrides(base, {}).get("train", {}).get("seed", 0))
     cells, seen = [], set()
     for assignment in assignments:

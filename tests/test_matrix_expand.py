@@ -55,6 +55,9 @@ def test_cell_id_is_stable_and_ignores_where_runs_are_logged(tmp_path):
     ({"name": "m", "base": BASE, "axes": {"model.mlp": ["gelu", "swiglo"]}}, "did you mean 'swiglu'"),
     ({"name": "m", "base": BASE, "axes": {"model.mlp": ["gelu"]}, "baseline": {"model.norm": "rmsnorm"}},
      "baseline key"),
+    ({"name": "m", "base": BASE, "axes": {"tracking.experiment": ["a", "b"]}}, "tracking.experiment cannot vary"),
+    ({"name": "m", "base": BASE, "include": [{"model.mlp": "gelu", "tracking.uri": "sqlite:///x.db"}]},
+     "tracking.uri cannot vary"),
 ])
 def test_bad_matrix_fails_before_anything_runs(tmp_path, data, message):
     with pytest.raises(ConfigError, match=message):
