@@ -243,6 +243,15 @@ def test_a_worker_that_loses_the_parent_race_waits_for_the_winners_run(tmp_path,
     assert find_runs(opts.tracking_uri, "tags.matrix = 'raced'") == []
 
 
+def test_a_matrix_with_every_cell_skipped_still_gets_a_parent_run_saying_why(tmp_path, opts):
+    matrix = _matrix(tmp_path, axes={})  # only the included conv-encoder cell, which takes no attention axis
+    [skipped] = matrix.cells
+    assert not matrix.runnable
+    run = get_client(opts.tracking_uri).get_run(parent_run_id(matrix, open_storage(opts), opts.tracking_uri))
+    assert run.data.tags["cells_skipped"] == "1"
+    assert skipped.skip_reason in run.data.tags["mlflow.note.content"]
+
+
 def test_a_matrix_rerun_on_a_new_optuna_storage_keeps_its_parent_run(tmp_path, opts):
     """The parent is found in the MLflow store first, so a fresh Optuna storage does not start a second one."""
     import dataclasses
