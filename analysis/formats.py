@@ -152,9 +152,18 @@ def memory_unit(megabytes: pd.Series) -> tuple[str, float]:
     return ("GB", 1024.0) if megabytes.max() >= 10 * 1024 else ("MB", 1.0)
 
 
+def step_time(median: object, low: object, high: object) -> str:
+    """A step time with the spread of its repeats, "90.44 [73.47–97.00]"; the median alone when the bench run
+    logged no spread (runs from before it was logged)."""
+    if _missing(low) or _missing(high):
+        return number(median, 2)
+    return f"{number(median, 2)} [{number(low, 2)}–{number(high, 2)}]"
+
+
 def efficiency_display(table: pd.DataFrame) -> pd.DataFrame:
     """The seed paper's efficiency table, one row per configuration (baseline first): parameters, GFLOPs,
-    peak memory with its change vs the baseline, visual-encoder forward / backward and step time, speed-up."""
+    peak memory with its change vs the baseline, visual-encoder forward / backward, step time with the
+    min–max of its repeats (timings are noisy; a speed-up inside that spread is not a measured one), speed-up."""
     unit, scale = memory_unit(table["peak_memory_mb"])
     memory = [MISSING if _missing(m) else f"{m / scale:.2f} {unit}" + ("" if i == 0 else f" ({c:+.1f} %)")
               for i, (m, c) in enumerate(zip(table["peak_memory_mb"], table["memory_change_pct"], strict=True))]
@@ -166,7 +175,8 @@ def efficiency_display(table: pd.DataFrame) -> pd.DataFrame:
         "Peak memory": memory,
         "Visual fwd (ms)": [number(v, 2) for v in table["visual_fwd_ms"]],
         "Visual bwd (ms)": [number(v, 2) for v in table["visual_bwd_ms"]],
-        "Step (ms)": [number(v, 2) for v in table["step_ms"]],
+        "Step (ms)": [step_time(*row) for row in zip(table["step_ms"], table["step_ms_min"], table["step_ms_max"],
+                                                     strict=True)],
         "Speed-up": [MISSING if _missing(s) else f"{s:.2f}×" for s in table["step_speedup"]],
     })
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("auroc", "f1", "precision", "recall", "auprc")
 EFFICIENCY_METRICS = ("params_total", "params_trainable", "gflops", "peak_memory_mb", "visual_fwd_ms",
-                      "visual_bwd_ms", "step_ms")
+                      "visual_bwd_ms", "step_ms", "step_ms_min", "step_ms_max")
 
 
 def _metric(runs: pd.DataFrame, key: str) -> pd.Series:

@@ -10,7 +10,14 @@ import pytest
 from scipy import stats
 
 from analysis.figures import looks
-from analysis.formats import latex_escape, latex_table, markdown_table, performance_display, significant
+from analysis.formats import (
+    efficiency_display,
+    latex_escape,
+    latex_table,
+    markdown_table,
+    performance_display,
+    significant,
+)
 from analysis.runs import first_protocol, run_params
 from analysis.tables import choose_baseline, effect_table, efficiency_table, performance_table
 from core.naming import AXES, component_values, config_label
@@ -157,6 +164,10 @@ def test_efficiency_speedup_and_memory_change() -> None:
     assert table.loc[1, "memory_change_pct"] == pytest.approx(-23.56, abs=0.01)  # the paper's −23.6 %
     assert table.loc[1, "step_speedup"] == pytest.approx(1311.98 / 1234.89)
     assert table["gflops"].isna().all()
+    # runs logged before the step spread was: the median alone; with it: "median [min–max]"
+    assert list(efficiency_display(table)["Step (ms)"]) == ["1311.98", "1234.89"]
+    table[["step_ms_min", "step_ms_max"]] = [[1300.0, 1400.5], [1200.0, 1250.25]]
+    assert list(efficiency_display(table)["Step (ms)"]) == ["1311.98 [1300.00–1400.50]", "1234.89 [1200.00–1250.25]"]
 
 
 def test_latex_escaping_and_balance() -> None:

@@ -104,8 +104,11 @@ def test_mlflow_rows_follow_the_efficiency_contract(comparison):
         assert {k: v for k, v in row["params"].items() if k.startswith("config.")} == {
             f"config.{k}": v for k, v in flatten(config_to_dict(cfg)).items()}
         assert set(row["metrics"]) == {"params_total", "params_trainable", "gflops", "peak_memory_mb",
-                                       "visual_fwd_ms", "visual_bwd_ms", "step_ms"}
-        assert row["metrics"]["step_ms"] == out["results"][label]["step_ms"]
+                                       "visual_fwd_ms", "visual_bwd_ms", "step_ms", "step_ms_min", "step_ms_max"}
+        result = out["results"][label]
+        assert row["metrics"]["step_ms"] == result["step_ms"]
+        low, high = row["metrics"]["step_ms_min"], row["metrics"]["step_ms_max"]
+        assert (low, high) == (result["step_ms_min"], result["step_ms_max"]) and low <= result["step_ms"] <= high
 
 
 def test_cpu_peak_memory_is_the_peak_of_live_tensor_bytes():

@@ -131,7 +131,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
         run = client.create_run(bench, tags={"ctlab.kind": "efficiency", "matrix": MATRIX, "cell_id": cell,
                                              "cell_label": CELLS[cell][2]})
         values = {"params_total": 2.5e6, "params_trainable": 2.0e6, "gflops": 12.5, "peak_memory_mb": memory,
-                  "visual_fwd_ms": fwd, "visual_bwd_ms": bwd, "step_ms": step}
+                  "visual_fwd_ms": fwd, "visual_bwd_ms": bwd, "step_ms": step, "step_ms_min": step - 5,
+                  "step_ms_max": step + 10}
         client.log_batch(run.info.run_id, metrics=[Metric(k, v, start, 0) for k, v in values.items()],
                          params=[Param("config.model.attention", attention)])
         client.set_terminated(run.info.run_id)
@@ -241,6 +242,7 @@ def test_per_pathology_and_efficiency_tables(store: dict) -> None:
     assert efficiency.loc["c-fa-clip", "visual_bwd_ms"] == 50.0
     md = (store["out"] / "tables" / "efficiency.md").read_text()
     assert "800.00 MB (-20.0 %)" in md and "1.25×" in md
+    assert "| 80.00 [75.00–90.00] |" in md  # the step's median with the spread of its repeats
 
 
 def test_figures_are_real_pngs(store: dict) -> None:

@@ -39,7 +39,7 @@ from core.registry import ConfigError
 
 TIMES = ("visual_fwd_ms", "visual_bwd_ms", "step_ms")
 MLFLOW_METRICS = ("params_total", "params_trainable", "gflops", "peak_memory_mb", "visual_fwd_ms", "visual_bwd_ms",
-                  "step_ms")
+                  "step_ms", "step_ms_min", "step_ms_max")
 _WORDS = [w.lower() for name in PATHOLOGIES for w in name.split()] + [
     "no", "mild", "small", "bilateral", "left", "right", "lower", "upper", "lobe", "is", "present", "seen", "with"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
