@@ -386,7 +386,7 @@ def render_markdown(*, matrix: str, tracking_uri: str, out: Path, runs: pd.DataF
         lines += [f"Per-pathology AUROC values: {_links(report.tables['per_pathology'], out)}", ""]
     lines += ["## Efficiency", ""]
     if efficiency is not None:
-        lines += [markdown_table(efficiency_display(efficiency)), "",
+        lines += [markdown_table(efficiency_display(efficiency)),
                   "Step (ms): the median [min–max] of the bench's repeats, each configuration timed in turn. "
                   "A speed-up whose step range overlaps the baseline's is within the machine's timing noise.", "",
                   f"Files: {_links(report.tables['efficiency'], out)}", "",
