@@ -263,6 +263,16 @@ def test_a_matrix_rerun_on_a_new_optuna_storage_keeps_its_parent_run(tmp_path, o
     assert len(find_runs(opts.tracking_uri, "tags.matrix = 'lm' and tags.`ctlab.kind` = 'matrix'")) == 1
 
 
+def test_cell_states_cover_the_cells_after_a_skipped_one(tmp_path, opts):
+    matrix = _matrix(tmp_path, axes={"model.encoder": ["convnext3d", "ctvit"], "model.attention": ["sdpa"]},
+                     include=[])
+    skipped, runnable = matrix.cells  # the conv encoder, which takes no attention axis, comes first
+    assert not skipped.runnable and runnable.runnable
+    storage = open_storage(opts)
+    assert cell_states(matrix, storage, open_study(matrix, storage)) == {
+        skipped.cell_id: ("skipped", skipped.skip_reason), runnable.cell_id: ("pending", "")}
+
+
 def test_a_cell_with_a_finished_run_is_not_trained_again(tmp_path, opts):
     matrix = _matrix(tmp_path)  # no data: training would fail
     cell, other = matrix.runnable[:2]
