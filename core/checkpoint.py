@@ -74,16 +74,19 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by ``save_checkpoint``; a damaged file gives a clear error."""
+def load_checkpoint(path: str | Path, label: str | None = None,
+                    missing: str = "does not exist; start without --resume",
+                    damaged_fix: str = "delete it to start the run afresh") -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint``; a missing or damaged file gives a clear error that
+    names it as ``label`` (default ``checkpoint '<path>'``) and what to do in the caller's case."""
     path = Path(path)
+    label = label or f"checkpoint '{path}'"
     if not path.is_file():
-        raise ConfigError(f"checkpoint '{path}' does not exist; start without --resume")
+        raise ConfigError(f"{label} {missing}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise ConfigError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err}); "
-                          "delete it to start the run afresh") from None
+        raise ConfigError(f"{label} cannot be read ({type(err).__name__}: {err}); {damaged_fix}") from None
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -95,12 +98,7 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     ``train.init_from`` and the converter.
     """
     hint = "give the model.pt that a run or `ctlab convert ctclip|dcformer` wrote"
-    if not Path(path).is_file():
-        raise ConfigError(f"train.init_from={path}: no such file; {hint}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise ConfigError(f"train.init_from={path}: cannot be read ({type(err).__name__}: {err}); {hint}") from None
+    payload = load_checkpoint(path, f"train.init_from={path}:", f"no such file; {hint}", hint)
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
         raise ConfigError(f"train.init_from={path}: not a checkpoint of this suite (no 'model' state_dict in it; "
                           f"another codebase's state_dict is converted first); {hint}")
