@@ -29,6 +29,10 @@ REPORT = ROOT / "reports" / "mutation.md"
 EQUIVALENT = ROOT / ".ci" / "mutation-equivalent.yaml"
 SOURCES = ("core", "experiments", "analysis")
 FAST = "not slow and not postgres"
+# per-test limit (pytest-timeout) in mutation runs: a mutant that makes a test wait forever (a worker polling
+# for a cell that never finishes) fails in this many seconds instead of running into mutmut's limit of
+# 15 x the whole selection's duration; the slowest fast test of these modules takes 7 s
+PER_TEST_TIMEOUT = ["--timeout", "60"]
 
 # module -> the fast tests that check it (mutmut runs, per mutant, only those that reach the mutated function)
 MODULES: dict[str, list[str]] = {
@@ -72,8 +76,8 @@ def run_module(module: str, max_children: int, verbose: bool = False, minutes: f
             shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
         pyproject = (ROOT / "pyproject.toml").read_text()
         settings = {"source_paths": list(SOURCES), "only_mutate": [module],
-                    "pytest_add_cli_args_test_selection": [*tests, "-m", FAST] if tests else
-                    [*MODULES[module], "-m", FAST, *_keyword(module)],
+                    "pytest_add_cli_args_test_selection": [*tests, "-m", FAST, *PER_TEST_TIMEOUT] if tests else
+                    [*MODULES[module], "-m", FAST, *PER_TEST_TIMEOUT, *_keyword(module)],
                     "process_isolation": "forkserver", "use_git_change_detection": False}
         (work / "pyproject.toml").write_text(pyproject + "\n[tool.mutmut]\n" + "".join(
             f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
@@ -162,7 +166,8 @@ def write_report(results: dict[str, dict]) -> None:
     reasons = yaml.safe_load(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
     lines = ["# Mutation testing", "",
              "`make mutate` (mutmut) mutates each module below against the fast tests named beside it. "
-             "Score = killed (incl. timeouts) / mutants checked; a run stopped by its time budget "
+             "Score = killed (incl. timeouts: a test past 60 s, pytest-timeout, fails) / mutants checked; "
+             "a run stopped by its time budget "
              "(`--minutes`) leaves the rest `not checked`; `killed by a later test` counts survivors of the "
              "recorded run that a test added afterwards kills (run with the mutant switched on); "
              "`--survivors` reruns only last time's unexplained survivors and unchecked mutants through mutmut "
