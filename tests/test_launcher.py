@@ -21,6 +21,7 @@ import yaml
 from optuna.trial import TrialState
 
 from core.data.cache import index_path
+from core.registry import ConfigError
 from core.tracking import Tracker, find_runs, get_client
 from experiments.launcher import (
     CLAIM_PREFIX,
@@ -303,6 +304,19 @@ def test_orphaned_running_runs_of_the_cell_are_marked_killed(tmp_path, opts):
     client = get_client(opts.tracking_uri)
     assert {r: client.get_run(r).info.status for r in (orphan, other_cell, other_matrix, done)} == {
         orphan: "KILLED", other_cell: "RUNNING", other_matrix: "RUNNING", done: "FINISHED"}
+
+
+def test_a_cell_retried_after_its_worker_died_closes_the_dead_run_and_records_its_own_failure(tmp_path, opts):
+    matrix = _matrix(tmp_path)  # no data: this attempt fails before its training run exists
+    cell = matrix.runnable[0]
+    dead = Tracker(opts.tracking_uri, EXPERIMENT, tags={"matrix": "lm", "cell_id": cell.cell_id,
+                                                        "ctlab.kind": "train"}).run_id  # still RUNNING
+    with pytest.raises(ConfigError, match="data.root"):
+        run_cell(cell, matrix, "parent-id", opts)
+    runs = {r.info.run_id: r for r in find_runs(opts.tracking_uri, f"tags.cell_id = '{cell.cell_id}'")}
+    assert runs.pop(dead).info.status == "KILLED"
+    [failed] = runs.values()
+    assert failed.info.status == "FAILED" and failed.data.tags["failure_reason"].startswith("ConfigError: data.root")
 
 
 def test_progress_counts_cells_on_the_parent_and_finishes_it_when_all_are_resolved(tmp_path, opts):
