@@ -9,6 +9,7 @@ workers, bad data) are in tests/test_matrix_run.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -23,6 +24,7 @@ from optuna.trial import TrialState
 from core.data.cache import index_path
 from core.registry import ConfigError
 from core.tracking import Tracker, find_runs, get_client
+from core.train import NonFiniteLossError
 from experiments.launcher import (
     CLAIM_PREFIX,
     PARENT_PREFIX,
@@ -379,6 +381,30 @@ def test_a_cell_that_fails_before_training_is_recorded_and_the_matrix_goes_on(tm
     assert [t.user_attrs["failure_reason"] for t in trials if t.state == TrialState.FAIL] == [reason]
     assert parent.info.status == "FINISHED" and parent.data.tags["cells_failed"] == "1"
     assert "**Failed cells**" in parent.data.tags["mlflow.note.content"]
+
+
+def test_a_cell_that_fails_in_training_keeps_its_training_run_as_its_one_failed_run(
+        tmp_path, opts, synthetic_source, shared_cache):
+    matrix = _matrix(tmp_path, root=synthetic_source, cache=shared_cache, include=[],
+                     axes={"model.attention": ["sdpa"], "model.logit_scale_init": [float("nan")],
+                           "train.batch_size": [2]})
+    [cell] = matrix.runnable
+    with pytest.raises(NonFiniteLossError, match="loss is nan"):
+        run_cell(cell, matrix, "parent-id", opts)
+    [run] = find_runs(opts.tracking_uri, f"tags.cell_id = '{cell.cell_id}'")
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("NonFiniteLossError")
+    assert "config_id" in run.data.tags  # the run train() opened, not one added after it
+
+
+def test_a_cell_of_a_multi_device_worker_runs_under_torchrun_and_its_failure_names_it(tmp_path, opts, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    matrix = _matrix(tmp_path)  # no data: each rank fails at once
+    cell = matrix.runnable[0]
+    with pytest.raises(RuntimeError, match="torchrun --nproc_per_node=2 exited with status"):
+        run_cell(cell, matrix, "parent-id", dataclasses.replace(opts, nproc_per_cell=2))
+    [run] = find_runs(opts.tracking_uri, f"tags.cell_id = '{cell.cell_id}'")
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("RuntimeError: torchrun")
 
 
 def test_a_failure_is_recorded_once(tmp_path, opts):
