@@ -9,6 +9,7 @@ workers, bad data) are in tests/test_matrix_run.py.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import shutil
@@ -24,7 +25,7 @@ from optuna.trial import TrialState
 from core.data.cache import index_path
 from core.registry import ConfigError
 from core.tracking import Tracker, find_runs, get_client
-from core.train import NonFiniteLossError
+from core.train import NonFiniteLossError, train
 from experiments.launcher import (
     CLAIM_PREFIX,
     PARENT_PREFIX,
@@ -383,28 +384,41 @@ def test_a_cell_that_fails_before_training_is_recorded_and_the_matrix_goes_on(tm
     assert "**Failed cells**" in parent.data.tags["mlflow.note.content"]
 
 
+@pytest.mark.parametrize(("nproc", "error", "message"), [
+    (1, NonFiniteLossError, "loss is nan"),
+    (2, RuntimeError, "torchrun --nproc_per_node=2 exited with status"),  # a worker holding 2 devices: DDP ranks
+], ids=["in-process", "torchrun"])
 def test_a_cell_that_fails_in_training_keeps_its_training_run_as_its_one_failed_run(
-        tmp_path, opts, synthetic_source, shared_cache):
+        tmp_path, opts, synthetic_source, shared_cache, monkeypatch, nproc, error, message):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # for torchrun's ranks
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     matrix = _matrix(tmp_path, root=synthetic_source, cache=shared_cache, include=[],
                      axes={"model.attention": ["sdpa"], "model.logit_scale_init": [float("nan")],
                            "train.batch_size": [2]})
     [cell] = matrix.runnable
-    with pytest.raises(NonFiniteLossError, match="loss is nan"):
-        run_cell(cell, matrix, "parent-id", opts)
+    parent = parent_run_id(matrix, open_storage(opts), opts.tracking_uri)
+    with pytest.raises(error, match=message):
+        run_cell(cell, matrix, parent, dataclasses.replace(opts, nproc_per_cell=nproc))
     [run] = find_runs(opts.tracking_uri, f"tags.cell_id = '{cell.cell_id}'")
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("NonFiniteLossError")
     assert "config_id" in run.data.tags  # the run train() opened, not one added after it
+    assert (run.data.tags["mlflow.parentRunId"], run.data.tags["matrix"], run.data.tags["cell_label"]) == (
+        parent, "lm", cell.label)
 
 
-def test_a_cell_of_a_multi_device_worker_runs_under_torchrun_and_its_failure_names_it(tmp_path, opts, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    matrix = _matrix(tmp_path)  # no data: each rank fails at once
-    cell = matrix.runnable[0]
-    with pytest.raises(RuntimeError, match="torchrun --nproc_per_node=2 exited with status"):
-        run_cell(cell, matrix, "parent-id", dataclasses.replace(opts, nproc_per_cell=2))
-    [run] = find_runs(opts.tracking_uri, f"tags.cell_id = '{cell.cell_id}'")
-    assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("RuntimeError: torchrun")
+def test_a_cell_whose_worker_died_after_its_last_checkpoint_resumes_that_run(
+        tmp_path, opts, synthetic_source, shared_cache):
+    matrix = _matrix(tmp_path, root=synthetic_source, cache=shared_cache, include=[],
+                     axes={"model.attention": ["sdpa"], "train.batch_size": [2], "train.max_steps": [1]})
+    [cell] = matrix.runnable
+    cfg = copy.deepcopy(cell.config)
+    cfg.tracking.uri = opts.tracking_uri
+    first = train(cfg, progress=False)  # trained and checkpointed; its worker died before recording the cell
+    get_client(opts.tracking_uri).set_terminated(first.run_id, status="KILLED")
+    auroc = run_cell(cell, matrix, "parent-id", opts)
+    [run] = _train_runs(opts.tracking_uri)
+    assert (run.info.run_id, run.info.status) == (first.run_id, "FINISHED")
+    assert auroc == run.data.metrics["zeroshot_auroc"]
 
 
 def test_a_failure_is_recorded_once(tmp_path, opts):
