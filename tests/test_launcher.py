@@ -407,7 +407,7 @@ def test_a_cell_that_fails_in_training_keeps_its_training_run_as_its_one_failed_
 
 
 def test_a_cell_whose_worker_died_after_its_last_checkpoint_resumes_that_run(
-        tmp_path, opts, synthetic_source, shared_cache):
+        tmp_path, opts, synthetic_source, shared_cache, capfd):
     matrix = _matrix(tmp_path, root=synthetic_source, cache=shared_cache, include=[],
                      axes={"model.attention": ["sdpa"], "train.batch_size": [2], "train.max_steps": [1]})
     [cell] = matrix.runnable
@@ -415,7 +415,9 @@ def test_a_cell_whose_worker_died_after_its_last_checkpoint_resumes_that_run(
     cfg.tracking.uri = opts.tracking_uri
     first = train(cfg, progress=False)  # trained and checkpointed; its worker died before recording the cell
     get_client(opts.tracking_uri).set_terminated(first.run_id, status="KILLED")
+    capfd.readouterr()
     auroc = run_cell(cell, matrix, "parent-id", opts)
+    assert "%|" not in capfd.readouterr().err  # no progress bar in a worker's log when it was asked for none
     [run] = _train_runs(opts.tracking_uri)
     assert (run.info.run_id, run.info.status) == (first.run_id, "FINISHED")
     assert auroc == run.data.metrics["zeroshot_auroc"]
