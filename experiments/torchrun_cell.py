@@ -12,6 +12,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from typing import Any
 
 from core.config import Config, load_config, save_config
@@ -34,6 +35,7 @@ def train_with_torchrun(cfg: Config, nproc: int, parent_run_id: str | None, tags
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = save_config(cfg, run_dir / "cell.yaml")
+    started_ms = int(time.time() * 1000)
     proc = subprocess.Popen(torchrun_command(str(config_path), nproc, parent_run_id, tags))
     try:
         code = proc.wait()
@@ -41,10 +43,13 @@ def train_with_torchrun(cfg: Config, nproc: int, parent_run_id: str | None, tags
         proc.terminate()
         proc.wait(timeout=60)
         raise
+    cell_runs = f"tags.cell_id = '{tags['cell_id']}' and tags.matrix = '{tags['matrix']}'"
     if code != 0:
-        raise RuntimeError(f"torchrun --nproc_per_node={nproc} exited with status {code} for {cfg.name}")
-    runs = find_runs(cfg.tracking.uri, f"tags.cell_id = '{tags['cell_id']}' and tags.matrix = '{tags['matrix']}'",
-                     statuses=(FINISHED,))
+        reasons = [r.data.tags["failure_reason"] for r in find_runs(cfg.tracking.uri, cell_runs, statuses=("FAILED",))
+                   if "failure_reason" in r.data.tags and (r.info.end_time or 0) >= started_ms]
+        cause = f": rank 0 failed with {reasons[0]}" if reasons else " (the ranks' errors are in this worker's log)"
+        raise RuntimeError(f"torchrun --nproc_per_node={nproc} exited with status {code} for {cfg.name}{cause}")
+    runs = find_runs(cfg.tracking.uri, cell_runs, statuses=(FINISHED,))
     if not runs:
         raise RuntimeError(f"torchrun finished {cfg.name} but no FINISHED MLflow run carries its cell id")
     return dict(runs[0].data.metrics)
