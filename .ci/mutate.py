@@ -76,8 +76,9 @@ def run_module(module: str, max_children: int, verbose: bool = False, minutes: f
             shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
         pyproject = (ROOT / "pyproject.toml").read_text()
         settings = {"source_paths": list(SOURCES), "only_mutate": [module],
-                    "pytest_add_cli_args_test_selection": [*tests, "-m", FAST, *PER_TEST_TIMEOUT] if tests else
-                    [*MODULES[module], "-m", FAST, *PER_TEST_TIMEOUT, *_keyword(module)],
+                    "pytest_add_cli_args_test_selection": [*tests, "-m", FAST] if tests else
+                    [*MODULES[module], "-m", FAST, *_keyword(module)],
+                    "pytest_add_cli_args": PER_TEST_TIMEOUT,  # the selection's arguments are not passed per mutant
                     "process_isolation": "forkserver", "use_git_change_detection": False}
         (work / "pyproject.toml").write_text(pyproject + "\n[tool.mutmut]\n" + "".join(
             f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
