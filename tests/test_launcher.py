@@ -154,6 +154,35 @@ def test_a_cell_is_claimed_once_and_its_state_follows_its_trial(tmp_path, opts):
     assert cell_states(matrix, storage, study)[c.cell_id] == ("done", "")
 
 
+class _ClaimRace:
+    """The storage as a worker sees it when another worker claims the same cell between this worker's state
+    check and its own claim: ``rival`` runs just before this worker's claim study is created."""
+
+    def __init__(self, storage, rival) -> None:
+        self.storage, self.rival = storage, rival
+
+    def __getattr__(self, name: str):
+        return getattr(self.storage, name)
+
+    def create_new_study(self, *args, **kwargs):
+        rival, self.rival = self.rival, None
+        if rival is not None:
+            rival()
+        return self.storage.create_new_study(*args, **kwargs)
+
+
+def test_a_worker_that_loses_the_race_for_a_cell_does_not_train_it(tmp_path, opts):
+    matrix = _matrix(tmp_path)
+    storage = open_storage(opts)
+    study = open_study(matrix, storage)
+    cell = matrix.runnable[0].cell_id
+    mine, theirs = study.ask(), study.ask()
+    race = _ClaimRace(storage, lambda: try_claim(storage, matrix, study, cell, theirs.number))
+    assert try_claim(race, matrix, study, cell, mine.number) is False
+    [claim] = [s for s in storage.get_all_studies() if s.study_name.startswith(f"{CLAIM_PREFIX}/lm/{cell}/")]
+    assert claim.user_attrs["trial_number"] == theirs.number
+
+
 def test_a_claim_for_a_trial_not_yet_in_the_study_counts_as_running(tmp_path, opts):
     matrix = _matrix(tmp_path)
     storage = open_storage(opts)
