@@ -183,6 +183,22 @@ def test_a_worker_that_loses_the_race_for_a_cell_does_not_train_it(tmp_path, opt
     assert claim.user_attrs["trial_number"] == theirs.number
 
 
+def test_a_worker_that_stops_beating_loses_its_cell_after_the_grace_period(tmp_path, opts):
+    opts = dataclasses.replace(opts, heartbeat_s=2, grace_s=1)  # Optuna's own grace would be 2 x 2 s
+    matrix = _matrix(tmp_path)
+    storage = open_storage(opts)
+    study = open_study(matrix, storage)
+    dead = study.ask()
+    cell = dead.suggest_categorical("cell", sorted(c.cell_id for c in matrix.runnable))
+    assert try_claim(storage, matrix, study, cell, dead.number)
+    storage.record_heartbeat(dead._trial_id)  # its last beat
+    time.sleep(2)
+    optuna.storages.fail_stale_trials(study)  # what each worker's loop runs
+    assert cell_states(matrix, storage, study)[cell] == ("pending", "retry after attempt 1")
+    [retry] = [t for t in study.get_trials() if t.state == TrialState.WAITING]  # queued again for its cell
+    assert (retry.params, retry.system_attrs["failed_trial"]) == ({"cell": cell}, dead.number)
+
+
 def test_a_claim_for_a_trial_not_yet_in_the_study_counts_as_running(tmp_path, opts):
     matrix = _matrix(tmp_path)
     storage = open_storage(opts)
