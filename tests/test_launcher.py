@@ -199,6 +199,23 @@ def test_a_worker_that_stops_beating_loses_its_cell_after_the_grace_period(tmp_p
     assert (retry.params, retry.system_attrs["failed_trial"]) == ({"cell": cell}, dead.number)
 
 
+@pytest.mark.postgres
+def test_a_worker_goes_on_after_the_database_server_drops_its_connections(tmp_path, postgres_db):
+    import psycopg
+
+    uri = postgres_db()
+    matrix = _matrix(tmp_path)
+    storage = open_storage(LaunchOptions(storage=uri, progress=False))
+    study = open_study(matrix, storage)
+    cell = matrix.runnable[0].cell_id
+    assert cell_states(matrix, storage, study)[cell] == ("pending", "")  # the pool now holds a connection
+    server, database = uri.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:  # an idle timeout, a failover, a restart
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+    assert try_claim(storage, matrix, study, cell, study.ask().number)
+    assert cell_states(matrix, storage, study)[cell][0] == "running"
+
+
 def test_a_claim_for_a_trial_not_yet_in_the_study_counts_as_running(tmp_path, opts):
     matrix = _matrix(tmp_path)
     storage = open_storage(opts)
