@@ -3,7 +3,8 @@
 A cell is claimed by exactly one worker; its state follows its trial (running, done, failed with the
 reason, pending again after a dead worker); a cell with a FINISHED run is never trained again; orphaned
 runs are closed; one parent run per matrix carries the counts and the failed and skipped cells; a failing
-cell is recorded and the matrix goes on. The end-to-end runs that really train (kill -9 and resume, two
+cell is recorded and the matrix goes on. A few cells here really train for a step on the synthetic set (a
+resumed cell, a NaN cell in-process and under torchrun); the end-to-end matrix runs (kill -9 and resume, two
 workers, bad data) are in tests/test_matrix_run.py.
 """
 
