@@ -167,8 +167,8 @@ def write_report(results: dict[str, dict]) -> None:
     reasons = yaml.safe_load(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
     lines = ["# Mutation testing", "",
              "`make mutate` (mutmut) mutates each module below against the fast tests named beside it. "
-             "Score = killed (incl. timeouts: a test past 60 s, pytest-timeout, fails) / mutants checked; "
-             "a run stopped by its time budget "
+             f"Score = killed (incl. timeouts: a test past {PER_TEST_TIMEOUT[1]} s, pytest-timeout, fails) / "
+             "mutants checked; a run stopped by its time budget "
              "(`--minutes`) leaves the rest `not checked`; `killed by a later test` counts survivors of the "
              "recorded run that a test added afterwards kills (run with the mutant switched on); "
              "`--survivors` reruns only last time's unexplained survivors and unchecked mutants through mutmut "
