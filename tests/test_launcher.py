@@ -321,8 +321,6 @@ def test_a_matrix_with_every_cell_skipped_still_gets_a_parent_run_saying_why(tmp
 
 def test_a_matrix_rerun_on_a_new_optuna_storage_keeps_its_parent_run(tmp_path, opts):
     """The parent is found in the MLflow store first, so a fresh Optuna storage does not start a second one."""
-    import dataclasses
-
     matrix = _matrix(tmp_path)
     first = parent_run_id(matrix, open_storage(opts), opts.tracking_uri)
     fresh = dataclasses.replace(opts, storage=f"sqlite:///{tmp_path}/optuna-new.db")
@@ -609,7 +607,6 @@ def test_two_worker_processes_rerun_a_finished_matrix_without_training(tmp_path,
 
 def test_a_worker_with_nothing_pending_waits_for_another_workers_running_cell(tmp_path, opts):
     """It stays (to take the cell over should that worker die) and leaves once the cell is done."""
-    import dataclasses
     import threading
 
     matrix = _matrix(tmp_path, axes={"model.attention": ["standard", "sdpa"]}, include=[])
